@@ -1,0 +1,64 @@
+"""The inference binaries as a user runs them: output contract and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BINARIES = ["paligemma_torch.inference"]
+
+
+def run(module, *args):
+  p = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                     text=True, timeout=300)
+  return p.returncode, p.stdout, p.stderr
+
+
+@pytest.mark.parametrize("module", BINARIES)
+def test_batch_and_json(module, ckpt2, images):
+  rc, out, err = run(module, f"--checkpoint={ckpt2}", f"--image={images[0]}",
+                     f"--image={images[1]}", "--prompt=caption en", "--prompt=detect cat",
+                     "--max_new_tokens=6", "--json")
+  assert rc == 0, err
+  lines = [json.loads(l) for l in out.splitlines()]
+  assert [(l["image"], l["prompt"]) for l in lines] == [(images[0], "caption en"),
+                                                         (images[1], "detect cat")]
+  assert all(len(l["token_ids"]) <= 6 and isinstance(l["text"], str) for l in lines)
+  # Broadcast: one image, two prompts; plain text output is one line per pair.
+  rc, out2, err = run(module, f"--checkpoint={ckpt2}", f"--image={images[0]}",
+                      "--prompt=caption en", "--prompt=detect cat", "--max_new_tokens=6")
+  assert rc == 0, err
+  assert out2.splitlines()[0] == lines[0]["text"]
+  assert len(out2.splitlines()) == 2
+
+
+@pytest.mark.parametrize("module", BINARIES)
+def test_bad_input(module, ckpt1, images, tmp_path):
+  junk = tmp_path / "junk.jpg"
+  junk.write_text("not an image")
+  base = [f"--checkpoint={ckpt1}", f"--image={images[0]}", "--prompt=caption en"]
+  cases = [
+      ([f"--checkpoint={tmp_path}/nope", f"--image={images[0]}", "--prompt=x"], "checkpoint directory not found"),
+      ([*base[:1], f"--image={tmp_path}/none.png", "--prompt=x"], "image not found"),
+      ([*base[:1], f"--image={junk}", "--prompt=x"], "not a readable image"),
+      ([*base[:1], f"--image={images[0]}", f"--image={images[1]}", f"--image={images[2]}",
+        "--prompt=a", "--prompt=b"], "3 --image and 2 --prompt"),
+      ([*base, "--top_p=0"], "--top_p must be in (0, 1]"),
+      ([*base, "--top_p=1.5"], "--top_p must be in (0, 1]"),
+      ([*base, "--temperature=-1"], "--temperature must be >= 0"),
+      ([*base, "--top_k=-2"], "--top_k must be >= 0"),
+      ([*base, "--max_new_tokens=0"], "--max_new_tokens must be at least 1"),
+      ([*base, "--max_new_tokens=9000"], "exceeds max_position_embeddings"),
+      ([*base, f"--tokenizer={tmp_path}/none.model"], "tokenizer not found"),
+      ([f"--image={images[0]}", "--prompt=x"], "--checkpoint is required"),
+  ]
+  for args, msg in cases:
+    rc, out, err = run(module, *args)
+    assert rc != 0, args
+    assert out == "", args
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and msg in last, (args, err)
