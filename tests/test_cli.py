@@ -8,7 +8,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BINARIES = ["paligemma_torch.inference"]
+BINARIES = ["paligemma_torch.inference", "paligemma_jax.inference"]
 
 
 def run(module, *args):

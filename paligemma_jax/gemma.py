@@ -1,0 +1,154 @@
+"""Gemma 1 and Gemma 2 decoders (Flax) over a preallocated KV cache.
+
+Mirrors paligemma_torch/gemma.py. Parameter names and shapes are
+big_vision's (`llm/...`); layers are stacked on a leading axis and run by
+one scanned block, which also scans over the per-layer cache.
+Axis names: see paligemma/__init__.py.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from paligemma.config import TextConfig
+
+_init = nn.initializers.normal(0.02)
+
+
+class RMSNorm(nn.Module):
+  """Computed in float32 and scaled by (1 + scale), as Gemma was trained."""
+  eps: float
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.zeros, (x.shape[-1],))
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+class Einsum(nn.Module):
+  shape: tuple
+
+  @nn.compact
+  def __call__(self, eqn, x):
+    return jnp.einsum(eqn, x, self.param("w", _init, self.shape))
+
+
+def rope_tables(positions, head_dim: int, theta: float, dtype):
+  """cos, sin [B, T, 1, H] for rotate-half RoPE, computed in float32."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x, cos, sin):  # x [B, T, N, H]
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class Attention(nn.Module):
+  cfg: TextConfig
+
+  @nn.compact
+  def __call__(self, x, rope, mask, cache_k, cache_v, start):
+    """x [B, T, D]; mask [B, T, S]; cache_k/v [B, S, K, H]. Writes this
+    step's keys and values at slots [start, start + T); returns the output
+    and the updated cache."""
+    c = self.cfg
+    N, K, H, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
+    q = Einsum((N, D, H), name="q_einsum")("BTD,NDH->BTNH", x)
+    kv = Einsum((2, K, D, H), name="kv_einsum")("BTD,CKDH->CBTKH", x)
+    q, k, v = apply_rope(q, *rope), apply_rope(kv[0], *rope), kv[1]
+    cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, start, 0, 0))
+    cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, start, 0, 0))
+    B, T = x.shape[:2]
+    q = q.reshape(B, T, K, N // K, H)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, cache_k) * c.attn_scale
+    if c.attn_logit_softcapping is not None:
+      logits = jnp.tanh(logits / c.attn_logit_softcapping) * c.attn_logit_softcapping
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(logits.dtype).min)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, cache_v).reshape(B, T, N, H)
+    out = Einsum((N, H, D), name="attn_vec_einsum")("BTNH,NHD->BTD", out)
+    return out, cache_k, cache_v
+
+
+class MLP(nn.Module):
+  """GeGLU with the tanh-approximate GELU."""
+  cfg: TextConfig
+
+  @nn.compact
+  def __call__(self, x):
+    D, F = self.cfg.hidden_size, self.cfg.intermediate_size
+    gating = self.param("gating_einsum", _init, (2, D, F))
+    gate_up = jnp.einsum("BTD,CDF->CBTF", x, gating)
+    h = jax.nn.gelu(gate_up[0], approximate=True) * gate_up[1]
+    return jnp.einsum("BTF,FD->BTD", h, self.param("linear", _init, (F, D)))
+
+
+class DecoderLayer(nn.Module):
+  """One layer; nn.scan stacks L of them as `layers`, with their caches."""
+  cfg: TextConfig
+
+  @nn.compact
+  def __call__(self, x, cache_k, cache_v, sliding, rope, masks, start):
+    c = self.cfg
+    mask = jnp.where(sliding, masks[1], masks[0])
+    attn, cache_k, cache_v = Attention(c, name="attn")(
+        RMSNorm(c.rms_norm_eps, name="pre_attention_norm")(x), rope, mask, cache_k, cache_v, start)
+    if c.is_gemma2:
+      attn = RMSNorm(c.rms_norm_eps, name="post_attention_norm")(attn)
+    x = x + attn
+    out = MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, name="pre_ffw_norm")(x))
+    if c.is_gemma2:
+      out = RMSNorm(c.rms_norm_eps, name="post_ffw_norm")(out)
+    x = x + out
+    self.sow("intermediates", "layer_out", x)
+    return x, (cache_k, cache_v)
+
+
+class Gemma(nn.Module):
+  """big_vision's `llm`: embedder, scanned layers, final norm."""
+  cfg: TextConfig
+  vocab: int  # rows of the embedding: the SentencePiece pieces, no <image>/padding
+
+  def setup(self):
+    c = self.cfg
+    self.embedder = Embedder(self.vocab, c.hidden_size)
+    self.layers = nn.scan(
+        DecoderLayer, variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True}, in_axes=(0, 0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=c.num_hidden_layers)(c)
+    self.final_norm = RMSNorm(c.rms_norm_eps)
+
+  def embed(self, tokens):
+    return self.embedder.encode(tokens)
+
+  def __call__(self, x, positions, masks, cache, start):
+    """x [B, T, D] at positions [B, T]; masks (full, sliding) [B, T, S];
+    cache (k, v) [L, B, S, K, H]. -> (logits [B, T, V], new cache)."""
+    c = self.cfg
+    rope = rope_tables(positions, c.head_dim, c.rope_theta, x.dtype)
+    sliding = jnp.array([c.is_sliding(i) for i in range(c.num_hidden_layers)])
+    x, cache = self.layers(x, cache[0], cache[1], sliding, rope, masks, start)
+    logits = self.embedder.decode(self.final_norm(x))
+    if c.final_logit_softcapping is not None:
+      logits = jnp.tanh(logits / c.final_logit_softcapping) * c.final_logit_softcapping
+    return logits, cache
+
+
+class Embedder(nn.Module):
+  vocab: int
+  dim: int
+
+  def setup(self):
+    self.input_embedding = self.param("input_embedding", _init, (self.vocab, self.dim))
+
+  def encode(self, tokens):  # [B, T] -> [B, T, D], times sqrt(D) in the weights' dtype
+    x = self.input_embedding[tokens]
+    return x * jnp.asarray(self.dim**0.5, x.dtype)
+
+  def decode(self, h):  # [B, T, D] -> [B, T, V]: the tied output head
+    return jnp.einsum("BTD,VD->BTV", h, self.input_embedding)
