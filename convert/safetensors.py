@@ -65,9 +65,9 @@ def read(path: str) -> dict[str, np.ndarray]:
 
 def write(path: str, tensors: dict, metadata: dict | None = None) -> None:
   """Writes name -> array, one array at a time, to `path` (not atomic: callers
-  write into a temporary directory and rename it). Values may be arrays or
-  zero-argument callables returning one, with `.shape`/`.dtype` given by a
-  `Spec`, so a converter can stream without holding every tensor."""
+  write into a temporary directory and rename it). Values may be arrays, or
+  callables with `.shape` and `.dtype` that produce one when called (see
+  convert/layout.py), so a converter streams without holding every tensor."""
   header, offset = {}, 0
   for name, t in tensors.items():
     dtype = np.dtype(t.dtype)
@@ -83,18 +83,9 @@ def write(path: str, tensors: dict, metadata: dict | None = None) -> None:
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for name, t in tensors.items():
-      arr = t() if isinstance(t, Spec) else t
+      arr = t() if callable(t) else t
       arr = np.ascontiguousarray(arr, dtype=DTYPES[header[name]["dtype"]])
       if tuple(arr.shape) != tuple(header[name]["shape"]):
         raise ValueError(f"{name}: produced shape {arr.shape}, declared {header[name]['shape']}")
       f.write(arr.reshape(-1).view(np.uint8).data)
 
-
-class Spec:
-  """A tensor to be produced on demand when written: shape, dtype, producer."""
-
-  def __init__(self, shape, dtype, produce):
-    self.shape, self.dtype, self._produce = tuple(shape), np.dtype(dtype), produce
-
-  def __call__(self) -> np.ndarray:
-    return self._produce()

@@ -82,6 +82,8 @@ def random_weights(cfg: config_lib.PaliGemmaConfig, seed: int = 0) -> dict[str, 
     else:
       fan_in = int(np.prod(shape[1:]))
       out[name] = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+  # The Hub's rows for <image> and the vocabulary padding are zeros.
+  out[hub.TEXT + "embed_tokens.weight"][cfg.image_token_index:] = 0
   return out
 
 

@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from convert import hub, safetensors
+from convert import hub, layout, safetensors
 from paligemma.errors import UserError
 from tests import helpers
 
@@ -142,7 +142,7 @@ def test_writer_atomic_and_refuses_existing(tmp_path, ckpt1):
   def boom():
     raise KeyboardInterrupt
   bad = dict(src.tensors)
-  bad["x"] = safetensors.Spec((2,), np.float32, boom)
+  bad["x"] = layout.Single((2,), np.float32, boom)
   with pytest.raises(KeyboardInterrupt):
     hub.write(str(tmp_path / "half"), src.config, bad, src.tokenizer_path)
   assert os.listdir(tmp_path) == ["out"]
