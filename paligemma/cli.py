@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Callable
 
-from absl import flags
+from absl import flags, logging
 import numpy as np
 
 from paligemma import batch, image as image_lib
@@ -116,8 +116,8 @@ def run(backend: Backend):
     text = tokenizer.decode(row)
     if FLAGS.json:
       print(json.dumps({"image": image, "prompt": prompt, "text": text, "token_ids": row}))
-    else:
-      print(text)
+    else:  # one line per result: escape what would break the line
+      print(text.replace("\\", "\\\\").replace("\n", "\\n"))
   sys.stdout.flush()
 
 
@@ -125,6 +125,7 @@ def main(backend: Backend) -> Callable:
   """An absl main that turns UserError into one stderr line and exit 1."""
 
   def _main(argv):
+    logging.set_verbosity(logging.WARNING)  # keeps jax's backend probing off stderr
     if len(argv) > 1:
       print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
       sys.exit(2)

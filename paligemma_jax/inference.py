@@ -5,6 +5,7 @@ runs with torch not installed.
 """
 
 from absl import app
+import jax
 
 from paligemma import cli
 from paligemma_jax import generate, load
@@ -12,6 +13,7 @@ from paligemma_jax import generate, load
 
 def _load(*args):
   (model, params), cfg, tokenizer_path = load.load(*args)
+  jax.block_until_ready(params)
   return generate.Generator(model, params), cfg, tokenizer_path
 
 

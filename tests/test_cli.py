@@ -62,3 +62,21 @@ def test_bad_input(module, ckpt1, images, tmp_path):
     assert "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and msg in last, (args, err)
+
+
+BLOCK = {"paligemma_jax.inference": ["torch", "transformers"],
+         "paligemma_torch.inference": ["jax", "jaxlib", "flax", "optax", "transformers"]}
+
+
+@pytest.mark.parametrize("module", BINARIES)
+def test_runs_without_the_other_framework(module, ckpt1, images):
+  """Each side imports and runs with the other framework absent."""
+  code = ("import sys, runpy\n"
+          f"for m in {BLOCK[module]!r}: sys.modules[m] = None\n"
+          f"sys.argv = ['x', '--checkpoint={ckpt1}', '--image={images[0]}', '--prompt=caption en',"
+          " '--max_new_tokens=3']\n"
+          f"runpy.run_module({module!r}, run_name='__main__')\n")
+  p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                     timeout=300)
+  assert p.returncode == 0, p.stderr
+  assert len(p.stdout.splitlines()) == 1
