@@ -147,10 +147,12 @@ def read(path: str, tokenizer_path: str | None = None) -> Checkpoint:
 
 
 def write(path: str, cfg: config_lib.PaliGemmaConfig, tensors: dict, tokenizer_path: str,
-          dtype: str = "float32", shard_bytes: int = 5 << 30, overwrite: bool = False) -> None:
+          dtype: str = "float32", shard_bytes: int = 5 << 30, overwrite: bool = False,
+          extra=None) -> None:
   """Writes a Hub checkpoint directory atomically: into a temporary sibling,
   renamed into place only once complete. `tensors` maps Hub names to arrays
-  or `safetensors.Spec`s (produced one at a time, so writing streams)."""
+  or lazy producers (convert/layout.py), made one at a time, so writing
+  streams. `extra(tmp_dir)`, if given, adds files before the rename."""
   path = os.path.abspath(path)
   if os.path.exists(path) and not overwrite:
     raise UserError(f"output exists: {path} (pass --overwrite to replace it)")
@@ -183,6 +185,8 @@ def write(path: str, cfg: config_lib.PaliGemmaConfig, tensors: dict, tokenizer_p
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(config_lib.to_hub_dict(cfg, dtype), f, indent=2)
     shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+    if extra is not None:
+      extra(tmp)
     if os.path.exists(path):
       shutil.rmtree(path)
     os.rename(tmp, path)

@@ -8,6 +8,7 @@ output contract live here once. Stdout carries only results.
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from typing import Callable
@@ -15,17 +16,25 @@ from typing import Callable
 from absl import flags, logging
 import numpy as np
 
-from paligemma import batch, image as image_lib
+from paligemma import batch, detection, image as image_lib
 from paligemma.errors import UserError
 from paligemma.tokenizer import Tokenizer
 
 FLAGS = flags.FLAGS
 
+# The bundled demo: a small PaliGemma trained on the "shapes" task, and an image.
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
+DEMO_IMAGE = os.path.join(DEMO_DIR, "example.png")
+
 
 def define_flags():
-  flags.DEFINE_string("checkpoint", None, "Hub checkpoint directory or big_vision .npz.")
-  flags.DEFINE_multi_string("image", [], "Image path; repeat for a batch.")
-  flags.DEFINE_multi_string("prompt", [], "Prompt, e.g. 'caption en'; repeat for a batch.")
+  flags.DEFINE_string("checkpoint", None, "Hub checkpoint directory or big_vision .npz; "
+                      "default: the bundled demo model.")
+  flags.DEFINE_multi_string("image", [], "Image path; repeat for a batch; default: the "
+                            "bundled example.")
+  flags.DEFINE_multi_string("prompt", [], "Prompt; repeat for a batch; default: 'caption en'.")
+  flags.DEFINE_string("draw", None, "Write the image with detected boxes to this PNG "
+                      "(-N is added before the extension for each result after the first).")
   flags.DEFINE_integer("max_new_tokens", 32, "Most tokens generated per prompt.")
   flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
   flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0 is off.")
@@ -95,27 +104,36 @@ def prepare(cfg, tokenizer: Tokenizer, pairs, loaded, max_new_tokens: int):
 
 
 def run(backend: Backend):
-  r = Request(FLAGS.image, FLAGS.prompt, FLAGS.max_new_tokens, FLAGS.temperature,
-              FLAGS.top_k, FLAGS.top_p, FLAGS.seed)
+  r = Request(FLAGS.image or [DEMO_IMAGE], FLAGS.prompt or ["caption en"], FLAGS.max_new_tokens,
+              FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.seed)
   validate_sampling(r)
   pairs = pair(r.images, r.prompts)
-  if FLAGS.checkpoint is None:
-    raise UserError("--checkpoint is required")
+  checkpoint = FLAGS.checkpoint or DEMO_DIR
+  if FLAGS.draw and not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.draw))):
+    raise UserError(f"--draw: directory not found for {FLAGS.draw}")
   loaded = {path: image_lib.load(path) for path in dict.fromkeys(p for p, _ in pairs)}
   t0 = time.perf_counter()
-  model, cfg, tokenizer_path = backend.load(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.dtype,
+  model, cfg, tokenizer_path = backend.load(checkpoint, FLAGS.tokenizer, FLAGS.dtype,
                                             FLAGS.variant, FLAGS.config)
   tokenizer = Tokenizer(tokenizer_path, cfg.image_token_index)
-  print(f"loaded {FLAGS.checkpoint} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+  print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
   pixels, tokens, valid = prepare(cfg, tokenizer, pairs, loaded, r.max_new_tokens)
   t0 = time.perf_counter()
   ids = backend.generate(model, pixels, tokens, valid, r)
   print(f"generated in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-  for (image, prompt), row in zip(pairs, ids):
+  for i, ((image, prompt), row) in enumerate(zip(pairs, ids)):
     row = batch.until_eos(row, cfg.eos_token_id)
     text = tokenizer.decode(row)
+    width, height = loaded[image].size
+    boxes, unparsed = detection.parse(text, width, height)
+    if FLAGS.draw:
+      stem, ext = os.path.splitext(FLAGS.draw)
+      detection.draw(loaded[image], boxes, FLAGS.draw if i == 0 else f"{stem}-{i}{ext or '.png'}")
     if FLAGS.json:
-      print(json.dumps({"image": image, "prompt": prompt, "text": text, "token_ids": row}))
+      result = {"image": image, "prompt": prompt, "text": text, "token_ids": row}
+      if boxes or unparsed:
+        result.update(boxes=boxes, unparsed=unparsed)
+      print(json.dumps(result))
     else:  # one line per result: escape what would break the line
       print(text.replace("\\", "\\\\").replace("\n", "\\n"))
   sys.stdout.flush()

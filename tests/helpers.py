@@ -7,16 +7,14 @@ either key naming, sharded or not, in float32 or bfloat16.
 """
 
 import functools
-import io
 import json
 import os
 
 import ml_dtypes
 import numpy as np
-import sentencepiece
 
 from convert import hub, safetensors
-from paligemma import config as config_lib
+from paligemma import config as config_lib, spm
 
 CORPUS = """a red circle and a blue square
 a photo of a cat sitting on a bench in the snow
@@ -28,21 +26,9 @@ where is the cat standing? on the table, next to the window.
 describe the image in detail: people, cars, trees and a river.
 """.splitlines()
 
-LOC_SEG = [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
-
-
 @functools.lru_cache(maxsize=None)
-def tokenizer_bytes(vocab_size: int = 1500) -> bytes:
-  model = io.BytesIO()
-  sentencepiece.SentencePieceTrainer.train(
-      sentence_iterator=iter(CORPUS * 20), model_writer=model, vocab_size=vocab_size,
-      model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
-      eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-      user_defined_symbols=LOC_SEG, byte_fallback=True, split_digits=True,
-      add_dummy_prefix=False, remove_extra_whitespaces=False,
-      normalization_rule_name="identity", hard_vocab_limit=False,
-      allow_whitespace_only_pieces=True, minloglevel=2)
-  return model.getvalue()
+def tokenizer_bytes() -> bytes:
+  return spm.train(CORPUS * 20)
 
 
 def write_tokenizer(path: str) -> int:
@@ -50,13 +36,12 @@ def write_tokenizer(path: str) -> int:
   data = tokenizer_bytes()
   with open(path, "wb") as f:
     f.write(data)
-  sp = sentencepiece.SentencePieceProcessor(model_proto=data)
-  return sp.GetPieceSize()
+  return spm.piece_count(data)
 
 
 def tiny_config(gemma2: bool = False, n_pieces: int | None = None, **text) -> config_lib.PaliGemmaConfig:
   if n_pieces is None:
-    n_pieces = sentencepiece.SentencePieceProcessor(model_proto=tokenizer_bytes()).GetPieceSize()
+    n_pieces = spm.piece_count(tokenizer_bytes())
   vocab = -(-(n_pieces + 1) // 64) * 64  # <image> after the pieces, padded to 64 like the Hub
   vision = config_lib.VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                    num_attention_heads=4, image_size=56, patch_size=14,

@@ -53,7 +53,7 @@ def test_bad_input(module, ckpt1, images, tmp_path):
       ([*base, "--max_new_tokens=0"], "--max_new_tokens must be at least 1"),
       ([*base, "--max_new_tokens=9000"], "exceeds max_position_embeddings"),
       ([*base, f"--tokenizer={tmp_path}/none.model"], "tokenizer not found"),
-      ([f"--image={images[0]}", "--prompt=x"], "--checkpoint is required"),
+      ([*base, f"--draw={tmp_path}/no/such/dir/out.png"], "--draw: directory not found"),
   ]
   for args, msg in cases:
     rc, out, err = run(module, *args)

@@ -1,0 +1,108 @@
+"""Training examples: JSONL files or the built-in "shapes" task, made into
+fixed-shape batches for the prefix-LM loss.
+
+A sequence is image tokens, <bos>, prefix + "\\n" (the prefix, attended in
+full), then suffix + <eos> (causal); the loss covers the suffix and its
+<eos> only. Framework-free: the JAX trainer feeds these arrays to jit.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+
+from paligemma import batch, image as image_lib, shapes
+from paligemma.errors import UserError
+from paligemma.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class Example:
+  image: object  # PIL image
+  prefix: str
+  suffix: str
+  task: str = ""
+  objects: tuple = ()  # shapes.Shape, for scoring detection
+  size: int = 0  # canvas size of `objects`
+
+
+def read_jsonl(path: str, on_error: str = "stop") -> list[Example]:
+  """Lines {"image": path relative to the file, "prefix", "suffix"}. A bad
+  line (not JSON, missing field, missing image) stops with file:line, or is
+  skipped with a warning naming it when on_error == "skip"."""
+  if not os.path.isfile(path):
+    raise UserError(f"data file not found: {path}")
+  root = os.path.dirname(os.path.abspath(path))
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        try:
+          d = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise UserError(f"not JSON ({e.msg})") from None
+        if not isinstance(d, dict):
+          raise UserError("not a JSON object")
+        for field in ("image", "prefix", "suffix"):
+          if not isinstance(d.get(field), str):
+            raise UserError(f"missing or non-string field {field!r}")
+        image = image_lib.load(os.path.join(root, d["image"]))
+        out.append(Example(image, d["prefix"], d["suffix"]))
+      except UserError as e:
+        if on_error != "skip":
+          raise UserError(f"{path}:{n}: {e}") from None
+        print(f"warning: skipping {path}:{n}: {e}", file=sys.stderr)
+  if not out:
+    raise UserError(f"{path}: no usable examples")
+  return out
+
+
+def shapes_examples(seed: int, size: int = 224):
+  """An endless stream of shapes examples, one random question per scene."""
+  rng = np.random.default_rng(seed)
+  while True:
+    image, objs = shapes.scene(rng, size)
+    qs = shapes.questions(objs, size)
+    task, prefix, suffix = qs[int(rng.integers(len(qs)))]
+    yield Example(image, prefix, suffix, task, tuple(objs), size)
+
+
+@dataclasses.dataclass
+class Batch:
+  pixels: np.ndarray  # [B, 3, px, px] float32
+  tokens: np.ndarray  # [B, T] int32, left-padded
+  valid: np.ndarray  # [B, T] real token
+  prefix: np.ndarray  # [B, T] image, <bos>, prefix, "\n"
+  loss: np.ndarray  # [B, T] the next token is suffix or <eos>: counted in the loss
+
+
+def encode(tokenizer: Tokenizer, cfg, ex: Example, max_text: int):
+  prefix = tokenizer.prefix(ex.prefix, cfg.num_image_tokens)
+  suffix = tokenizer.encode(ex.suffix) + [tokenizer.eos_id]
+  if len(prefix) + len(suffix) - cfg.num_image_tokens > max_text:
+    raise UserError(f"example of {len(prefix) + len(suffix) - cfg.num_image_tokens} text tokens "
+                    f"exceeds --max_text={max_text}: {ex.prefix!r} -> {ex.suffix!r}")
+  return prefix, suffix
+
+
+def make_batch(tokenizer: Tokenizer, cfg, examples: list[Example], max_text: int) -> Batch:
+  T = cfg.num_image_tokens + max_text
+  seqs, n_prefix = [], []
+  for ex in examples:
+    prefix, suffix = encode(tokenizer, cfg, ex, max_text)
+    seqs.append(prefix + suffix)
+    n_prefix.append(len(prefix))
+  tokens, valid = batch.left_pad(seqs, tokenizer.pad_id, T)
+  pad = T - np.array([len(s) for s in seqs])
+  slot = np.arange(T)[None, :]
+  start = pad[:, None]
+  prefix_mask = (slot >= start) & (slot < start + np.array(n_prefix)[:, None])
+  # Position t predicts token t+1: counted when t+1 is in the suffix.
+  loss = np.zeros_like(valid)
+  loss[:, :-1] = valid[:, 1:] & ~prefix_mask[:, 1:]
+  pixels = np.stack([image_lib.preprocess(ex.image, cfg.vision.image_size) for ex in examples])
+  return Batch(pixels, tokens, valid, prefix_mask, loss)
