@@ -41,8 +41,23 @@ VARIANTS = {f"{name if name != 'paligemma' else 'paligemma-3b'}-{px}": (dec, px)
             for name, dec in _DECODERS.items() for px in (224, 448, 896)}
 
 
+# Small enough to train on two CPU cores in about an hour: the bundled demo.
+DEMO = dict(
+    vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                num_attention_heads=4, image_size=96, patch_size=12),
+    text=dict(model_type="gemma", hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=1, head_dim=32))
+
+
 def variant_config(name: str, pieces: int = 257152) -> config_lib.PaliGemmaConfig:
-  """The config.json the Hub publishes for a named variant."""
+  """The config.json the Hub publishes for a named variant (or the demo size);
+  `pieces` (the tokenizer's) sets image_token_index and the padded vocabulary."""
+  if name == "demo":
+    return config_lib.from_dict({
+        "model_type": "paligemma", "image_token_index": pieces,
+        "projection_dim": DEMO["text"]["hidden_size"],
+        "text_config": dict(DEMO["text"], vocab_size=-(-(pieces + 1) // 64) * 64),
+        "vision_config": dict(DEMO["vision"], model_type="siglip_vision_model")})
   if name not in VARIANTS:
     raise UserError(f"unknown --variant {name!r}; known: {', '.join(sorted(VARIANTS))}")
   text, px = VARIANTS[name]

@@ -187,6 +187,9 @@ def write(path: str, cfg: config_lib.PaliGemmaConfig, tensors: dict, tokenizer_p
     shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
     if extra is not None:
       extra(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
     if os.path.exists(path):
       shutil.rmtree(path)
     os.rename(tmp, path)

@@ -106,3 +106,14 @@ def make_batch(tokenizer: Tokenizer, cfg, examples: list[Example], max_text: int
   loss[:, :-1] = valid[:, 1:] & ~prefix_mask[:, 1:]
   pixels = np.stack([image_lib.preprocess(ex.image, cfg.vision.image_size) for ex in examples])
   return Batch(pixels, tokens, valid, prefix_mask, loss)
+
+
+def shapes_held_out(seed: int, images: int, size: int = 224) -> list[Example]:
+  """Every question of `images` fresh scenes (for evaluation)."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(images):
+    image, objs = shapes.scene(rng, size)
+    out += [Example(image, prefix, suffix, task, tuple(objs), size)
+            for task, prefix, suffix in shapes.questions(objs, size)]
+  return out

@@ -96,6 +96,20 @@ class Generator:
 
     return jax.lax.while_loop(should_continue, step, state)
 
+  def prefill(self, pixels, tokens, valid, *, max_new_tokens: int, temperature: float = 0.0,
+              top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> DecodeState:
+    """Image and prompt through the model; the first token sampled."""
+    tokens, valid = self.pad_to_bucket(tokens, valid)
+    return self._prefill(self.params, jnp.asarray(pixels), jnp.asarray(tokens),
+                         jnp.asarray(valid), round_up(max_new_tokens, STEPS_BUCKET),
+                         sampling.Params.make(temperature, top_k, top_p), jnp.uint32(seed))
+
+  def decode(self, state: DecodeState, *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0) -> DecodeState:
+    """The rest of the tokens, in one compiled loop; `state` is donated."""
+    return self._decode(self.params, state, jnp.int32(max_new_tokens),
+                        sampling.Params.make(temperature, top_k, top_p))
+
   def generate(self, pixels: np.ndarray, tokens: np.ndarray, valid: np.ndarray, *,
                max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0) -> np.ndarray:
@@ -104,14 +118,9 @@ class Generator:
     Returns generated ids [B, steps] (steps <= max_new_tokens), each row
     padded with pad_token_id after its <eos>.
     """
-    tokens, valid = self.pad_to_bucket(tokens, valid)
-    sp = sampling.Params.make(temperature, top_k, top_p)
-    state = self._prefill(self.params, jnp.asarray(pixels), jnp.asarray(tokens),
-                          jnp.asarray(valid), round_up(max_new_tokens, STEPS_BUCKET), sp,
-                          jnp.uint32(seed))
-    state = self._decode(self.params, state, jnp.int32(max_new_tokens), sp)
-    steps = int(state.step)
-    return np.asarray(state.tokens[:, :steps])
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    state = self.decode(self.prefill(pixels, tokens, valid, seed=seed, **kw), **kw)
+    return np.asarray(state.tokens[:, :int(state.step)])
 
   def pad_to_bucket(self, tokens, valid):
     """Left-pads the text part so the prefix is image + a multiple of TEXT_BUCKET."""

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from convert import hub, layout
-from paligemma import config as config_lib, data, evaluate
+from convert import big_vision, hub, layout
+from paligemma import data, evaluate
 from paligemma.errors import UserError
 from paligemma.tokenizer import Tokenizer
 from paligemma_jax import generate, load
@@ -55,26 +55,6 @@ flags.DEFINE_integer("log_every", 20, "Progress line every this many steps.")
 flags.DEFINE_integer("seed", 0, "Initialisation and data seed.")
 flags.DEFINE_bool("resume", False, "Continue from the newest checkpoint in --output.")
 FLAGS = flags.FLAGS
-
-# Small enough to train on two CPU cores in about an hour; the tokenizer's
-# piece count sets the vocabulary.
-DEMO = dict(
-    vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                num_attention_heads=4, image_size=96, patch_size=12),
-    text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-              num_attention_heads=4, num_key_value_heads=1, head_dim=32))
-
-
-def named_config(name: str, pieces: int) -> config_lib.PaliGemmaConfig:
-  if name != "demo":
-    from convert import big_vision  # pylint: disable=import-outside-toplevel
-    return big_vision.variant_config(name, pieces)
-  return config_lib.from_dict({
-      "model_type": "paligemma", "image_token_index": pieces,
-      "projection_dim": DEMO["text"]["hidden_size"],
-      "text_config": dict(DEMO["text"], model_type="gemma", vocab_size=-(-(pieces + 1) // 64) * 64),
-      "vision_config": dict(DEMO["vision"], model_type="siglip_vision_model")})
-
 
 def loss_fn(model: PaliGemma, params, b):
   """Mean next-token cross-entropy over the suffix tokens and <eos>."""
@@ -187,7 +167,7 @@ def train():
   else:
     tokenizer_path = FLAGS.tokenizer
     pieces = Tokenizer(tokenizer_path, 1 << 30).sp.GetPieceSize()
-    cfg = named_config(FLAGS.init, pieces)
+    cfg = big_vision.variant_config(FLAGS.init, pieces)
     model = PaliGemma(cfg)
     params = init_params(model, cfg)
   tokenizer = Tokenizer(tokenizer_path, cfg.image_token_index)

@@ -1,0 +1,99 @@
+"""python -m benchmarks.decode --checkpoint=DIR [--dtype=float32] [--impls=jax,torch,transformers]
+
+Puts JAX, the PyTorch reference and transformers side by side on the same
+weights, each in its own process, against the memory-bandwidth roofline:
+a decode step must read every decoder weight (and the tied output head)
+once plus the KV cache in use, so tokens/s <= B * bandwidth / bytes per step.
+Bandwidth is measured in this run by a streaming read far larger than the
+caches. Prints a table and writes it as JSON.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+import numpy as np
+
+from convert import hub
+from paligemma import config as config_lib
+
+flags.DEFINE_string("checkpoint", None, "Hub checkpoint directory (see convert.random_checkpoint).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and activations.")
+flags.DEFINE_list("impls", ["jax", "torch", "transformers"], "Implementations to run.")
+flags.DEFINE_list("batch_sizes", ["1", "8"], "Decode batch sizes.")
+flags.DEFINE_integer("new_tokens", 128, "Tokens decoded per run.")
+flags.DEFINE_integer("repeats", 3, "Timed runs per figure (median).")
+flags.DEFINE_string("json", "benchmark.json", "Where to write the results.")
+FLAGS = flags.FLAGS
+
+
+def bandwidth_gb_s(gib: float = 2.0, repeats: int = 5) -> float:
+  """Streaming read bandwidth, all cores (a torch reduction is multi-threaded)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+  x.sum()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    x.sum()
+    times.append(time.perf_counter() - t0)
+  return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def bytes_per_step(cfg, itemsize: int, B: int, cache_len: int) -> dict:
+  decoder = sum(int(np.prod(s)) for n, s in hub.shapes(cfg).items() if n.startswith(hub.TEXT))
+  t = cfg.text
+  kv = 2 * t.num_hidden_layers * B * cache_len * t.num_key_value_heads * t.head_dim
+  return {"weights": decoder * itemsize, "kv_cache": kv * itemsize}
+
+
+def main(argv):
+  del argv
+  cfg = config_lib.load(FLAGS.checkpoint)
+  itemsize = 4 if FLAGS.dtype == "float32" else 2
+  bw = bandwidth_gb_s()
+  prompt_len = cfg.num_image_tokens + 8
+  rows = []
+  for impl in FLAGS.impls:
+    p = subprocess.run([sys.executable, "-m", "benchmarks.worker", f"--impl={impl}",
+                        f"--checkpoint={FLAGS.checkpoint}", f"--dtype={FLAGS.dtype}",
+                        f"--batch_sizes={','.join(FLAGS.batch_sizes)}",
+                        f"--new_tokens={FLAGS.new_tokens}", f"--repeats={FLAGS.repeats}"],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
+                           os.path.abspath(__file__))))
+    if p.returncode:
+      print(f"{impl}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
+      continue
+    rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+  result = {"checkpoint": FLAGS.checkpoint, "dtype": FLAGS.dtype, "bandwidth_gb_s": bw,
+            "machine": f"{os.cpu_count()} cores", "rows": rows, "roofline": {}}
+  for B in map(int, FLAGS.batch_sizes):
+    b = bytes_per_step(cfg, itemsize, B, prompt_len + FLAGS.new_tokens // 2)
+    step_bytes = b["weights"] + b["kv_cache"]
+    result["roofline"][f"b{B}"] = dict(b, tok_s=B * bw * 1e9 / step_bytes)
+  print(f"bandwidth {bw:.1f} GB/s; decoder + head bytes per step "
+        f"{result['roofline']['b1']['weights'] / 1e9:.2f} GB ({FLAGS.dtype})")
+  head = f"{'impl':<13}{'load s':>8}{'RSS GB':>8}{'compile s':>11}{'prefill s':>11}"
+  for B in FLAGS.batch_sizes:
+    head += f"{'tok/s b' + B:>11}{'roof b' + B:>9}"
+  print(head)
+  for r in rows:
+    line = (f"{r['impl']:<13}{r['load_s']:>8.1f}{r['load_peak_rss_gb']:>8.2f}"
+            f"{r.get('compile_prefill_s', 0) + r.get('compile_decode_s', 0):>11.1f}{r['prefill_s']:>11.3f}")
+    for B in FLAGS.batch_sizes:
+      tok_s = r[f"decode_tok_s_b{B}"]
+      r[f"roofline_fraction_b{B}"] = tok_s / result["roofline"][f"b{B}"]["tok_s"]
+      line += f"{tok_s:>11.1f}{r[f'roofline_fraction_b{B}']:>9.0%}"
+    print(line)
+  for B in FLAGS.batch_sizes:
+    print(f"roofline b{B}: {result['roofline'][f'b{B}']['tok_s']:.1f} tok/s")
+  with open(FLAGS.json, "w") as f:
+    json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,155 @@
+"""One implementation's measurements, in its own process (see decode.py).
+
+python -m benchmarks.worker --impl=jax|torch|transformers --checkpoint=DIR
+    --dtype=float32 --batch_sizes=1,8 --new_tokens=128 --repeats=3
+
+Prints one JSON object on stdout. <eos> is disabled so every run decodes
+exactly --new_tokens tokens.
+"""
+
+import dataclasses
+import json
+import statistics
+import sys
+import time
+
+from absl import app, flags, logging
+import numpy as np
+
+from paligemma import batch, image as image_lib
+from paligemma.cli import DEMO_IMAGE
+from paligemma.tokenizer import Tokenizer
+
+flags.DEFINE_enum("impl", "jax", ["jax", "torch", "transformers"], "Implementation.")
+flags.DEFINE_string("checkpoint", None, "Hub checkpoint directory.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and activations.")
+flags.DEFINE_list("batch_sizes", ["1", "8"], "Decode batch sizes.")
+flags.DEFINE_integer("new_tokens", 128, "Tokens decoded per run.")
+flags.DEFINE_integer("repeats", 3, "Timed runs per figure (median).")
+FLAGS = flags.FLAGS
+
+
+def rss_gb() -> float:
+  """Peak RSS of this process (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 2**20
+  return float("nan")
+
+
+def median_time(fn, repeats):
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def inputs(cfg, tokenizer, B, prompt="caption en"):
+  image = image_lib.preprocess(image_lib.load(DEMO_IMAGE), cfg.vision.image_size)
+  pixels = np.stack([image] * B)
+  tokens, valid = batch.left_pad([tokenizer.prefix(prompt, cfg.num_image_tokens)] * B,
+                                 tokenizer.pad_id)
+  return pixels, tokens, valid
+
+
+def bench_jax(out):
+  import jax  # pylint: disable=import-outside-toplevel
+  from paligemma_jax import generate, load  # pylint: disable=import-outside-toplevel
+  from paligemma_jax.paligemma import PaliGemma  # pylint: disable=import-outside-toplevel
+  t0 = time.perf_counter()
+  (model, params), cfg, tok_path = load.load(FLAGS.checkpoint, dtype=FLAGS.dtype)
+  jax.block_until_ready(params)
+  out["load_s"], out["load_peak_rss_gb"] = time.perf_counter() - t0, rss_gb()
+  cfg = dataclasses.replace(cfg, eos_token_id=-1)
+  gen = generate.Generator(PaliGemma(cfg), params)
+  tok = Tokenizer(tok_path, cfg.image_token_index)
+  n = FLAGS.new_tokens
+
+  def prefill(p, t, v):
+    return jax.block_until_ready(gen.prefill(p, t, v, max_new_tokens=n))
+
+  def decode(state):
+    return jax.block_until_ready(gen.decode(state, max_new_tokens=n))
+
+  p, t, v = inputs(cfg, tok, 1)
+  t0 = time.perf_counter()
+  state = prefill(p, t, v)
+  first_prefill = time.perf_counter() - t0
+  out["prefill_s"] = median_time(lambda: prefill(p, t, v), FLAGS.repeats)
+  out["compile_prefill_s"] = first_prefill - out["prefill_s"]
+  t0 = time.perf_counter()
+  decode(state)
+  first_decode = time.perf_counter() - t0
+  for B in map(int, FLAGS.batch_sizes):
+    p, t, v = inputs(cfg, tok, B)
+    states = [prefill(p, t, v) for _ in range(FLAGS.repeats + 1)]
+    decode(states[-1])  # compiles for this batch size
+    dt = statistics.median(_timed(decode, s) for s in states[:-1])
+    out[f"decode_tok_s_b{B}"] = B * (n - 1) / dt
+    if B == 1:
+      out["compile_decode_s"] = first_decode - dt
+  traces = dict(gen.traces)
+  p, t, v = inputs(cfg, tok, 1, prompt="answer en what color is the circle")
+  gen.generate(p, t, v, max_new_tokens=n // 2 + 1)  # same cache bucket as n
+  out["recompiles_for_new_prompt_and_length"] = sum(gen.traces.values()) - sum(traces.values())
+
+
+def _timed(fn, arg):
+  t0 = time.perf_counter()
+  fn(arg)
+  return time.perf_counter() - t0
+
+
+def bench_torch(out, reference: bool):
+  import torch  # pylint: disable=import-outside-toplevel
+  t0 = time.perf_counter()
+  if reference:
+    from paligemma_torch import generate, load  # pylint: disable=import-outside-toplevel
+    model, cfg, tok_path = load.load(FLAGS.checkpoint, dtype=FLAGS.dtype)
+    model.cfg = dataclasses.replace(cfg, eos_token_id=-1)
+    run = lambda p, t, v, k: generate.generate(model, torch.from_numpy(p), t, v, max_new_tokens=k)
+  else:
+    import transformers  # pylint: disable=import-outside-toplevel
+    from paligemma import config as config_lib  # pylint: disable=import-outside-toplevel
+    dtype = torch.float32 if FLAGS.dtype == "float32" else torch.bfloat16
+    model = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
+        FLAGS.checkpoint, dtype=dtype).eval()
+    cfg, tok_path = config_lib.load(FLAGS.checkpoint), FLAGS.checkpoint + "/tokenizer.model"
+
+    def run(p, t, v, k):
+      with torch.no_grad():
+        return model.generate(input_ids=torch.from_numpy(t).long(), pixel_values=torch.from_numpy(p).to(dtype),
+                              attention_mask=torch.from_numpy(v).long(),
+                              token_type_ids=torch.zeros(t.shape, dtype=torch.long),
+                              max_new_tokens=k, min_new_tokens=k, do_sample=False)
+  out["load_s"], out["load_peak_rss_gb"] = time.perf_counter() - t0, rss_gb()
+  tok = Tokenizer(tok_path, cfg.image_token_index)
+  n = FLAGS.new_tokens
+  p, t, v = inputs(cfg, tok, 1)
+  run(p, t, v, 1)  # warm-up
+  out["prefill_s"] = median_time(lambda: run(p, t, v, 1), FLAGS.repeats)
+  for B in map(int, FLAGS.batch_sizes):
+    p, t, v = inputs(cfg, tok, B)
+    pre = median_time(lambda: run(p, t, v, 1), FLAGS.repeats)
+    full = median_time(lambda: run(p, t, v, n), FLAGS.repeats)
+    out[f"decode_tok_s_b{B}"] = B * (n - 1) / (full - pre)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  out = {"impl": FLAGS.impl, "dtype": FLAGS.dtype}
+  if FLAGS.impl == "jax":
+    bench_jax(out)
+  else:
+    bench_torch(out, reference=FLAGS.impl == "torch")
+  out["peak_rss_gb"] = rss_gb()
+  print(json.dumps(out))
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,46 @@
+"""Random real-layout checkpoints and the benchmark command, at toy size."""
+
+import json
+import os
+import subprocess
+import sys
+
+import sentencepiece
+
+from convert import big_vision, hub, random_checkpoint
+from paligemma.tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_full_vocab_tokenizer():
+  sp = sentencepiece.SentencePieceProcessor(
+      model_proto=random_checkpoint.full_vocab_tokenizer(random_checkpoint.GEMMA_PIECES))
+  assert sp.GetPieceSize() == 257152
+  assert (sp.pad_id(), sp.eos_id(), sp.bos_id(), sp.unk_id()) == (0, 1, 2, 3)
+  assert sp.PieceToId("<loc1023>") != sp.unk_id() and sp.PieceToId("<seg127>") != sp.unk_id()
+
+
+def test_random_demo_checkpoint_loads(tmp_path):
+  random_checkpoint.write("demo", str(tmp_path / "d"))
+  ckpt = hub.read(str(tmp_path / "d"))
+  assert ckpt.config == big_vision.variant_config("demo", ckpt.config.image_token_index)
+  Tokenizer(ckpt.tokenizer_path, ckpt.config.image_token_index)
+  emb = ckpt.tensors[hub.TEXT + "embed_tokens.weight"]
+  assert not emb[ckpt.config.image_token_index:].any() and emb[:10].any()
+
+
+def test_benchmark_command(tmp_path, ckpt1):
+  out = tmp_path / "b.json"
+  p = subprocess.run([sys.executable, "-m", "benchmarks.decode", f"--checkpoint={ckpt1}",
+                      "--new_tokens=4", "--repeats=1", "--batch_sizes=1,2", f"--json={out}"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr
+  r = json.loads(out.read_text())
+  assert r["bandwidth_gb_s"] > 0 and set(r["roofline"]) == {"b1", "b2"}
+  impls = {row["impl"]: row for row in r["rows"]}
+  assert set(impls) == {"jax", "torch", "transformers"}, p.stderr
+  assert impls["jax"]["recompiles_for_new_prompt_and_length"] == 0
+  for row in impls.values():
+    assert row["decode_tok_s_b1"] > 0 and row["load_peak_rss_gb"] > 0
+  assert "roofline b1" in p.stdout
