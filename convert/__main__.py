@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 
 from convert import big_vision, hub, layout
+from paligemma import errors
 from paligemma.errors import UserError
 
 flags.DEFINE_string("input", None, "Hub checkpoint directory or big_vision .npz.")
@@ -59,16 +60,5 @@ def convert():
   print(f"wrote {FLAGS.output}", file=sys.stderr)
 
 
-def main(argv):
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    sys.exit(2)
-  try:
-    convert()
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-
-
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.main(convert))

@@ -114,16 +114,7 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
 
 
 def check(cfg: config_lib.PaliGemmaConfig, flat: dict, where: str) -> None:
-  want = layout.shapes(cfg)
-  for key in sorted(flat):
-    if key not in want:
-      raise UserError(f"{where}: unexpected key {key!r}")
-    if tuple(flat[key].shape) != want[key]:
-      raise UserError(f"{where}: key {key!r} has shape {tuple(flat[key].shape)}, "
-                      f"the config implies {want[key]}")
-  for key in want:
-    if key not in flat:
-      raise UserError(f"{where}: missing key {key!r}")
+  hub.check_shapes(layout.shapes(cfg), flat, where, "key")
 
 
 def sidecars(path: str) -> tuple[str, str]:

@@ -109,18 +109,21 @@ def _shard_files(path: str) -> list[str]:
   raise UserError(f"{path}: no model.safetensors or {INDEX}")
 
 
-def check(cfg: config_lib.PaliGemmaConfig, tensors: dict, where: str) -> None:
-  """Raises UserError on the first missing, unexpected or misshapen key."""
-  want = shapes(cfg)
-  for name in sorted(tensors):
+def check_shapes(want: dict, got: dict, where: str, noun: str) -> None:
+  """Raises UserError on the first unexpected, misshapen or missing key."""
+  for name in sorted(got):
     if name not in want:
-      raise UserError(f"{where}: unexpected weight {name!r}")
-    if tuple(tensors[name].shape) != want[name]:
-      raise UserError(f"{where}: weight {name!r} has shape {tuple(tensors[name].shape)}, "
-                      f"config implies {want[name]}")
+      raise UserError(f"{where}: unexpected {noun} {name!r}")
+    if tuple(got[name].shape) != want[name]:
+      raise UserError(f"{where}: {noun} {name!r} has shape {tuple(got[name].shape)}, "
+                      f"the config implies {want[name]}")
   for name in want:
-    if name not in tensors:
-      raise UserError(f"{where}: missing weight {name!r}")
+    if name not in got:
+      raise UserError(f"{where}: missing {noun} {name!r}")
+
+
+def check(cfg: config_lib.PaliGemmaConfig, tensors: dict, where: str) -> None:
+  check_shapes(shapes(cfg), tensors, where, "weight")
 
 
 def read(path: str, tokenizer_path: str | None = None) -> Checkpoint:

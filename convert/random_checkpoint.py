@@ -12,13 +12,14 @@ import sys
 import tempfile
 import zlib
 
-from absl import app, flags, logging
+from absl import app, flags
 import ml_dtypes
 import numpy as np
 from sentencepiece import sentencepiece_model_pb2
 
 from convert import big_vision, hub, layout
 from paligemma import spm
+from paligemma import errors
 from paligemma.errors import UserError
 
 flags.DEFINE_string("variant", "paligemma-3b-224", f"One of {', '.join(sorted(big_vision.VARIANTS))}.")
@@ -75,20 +76,14 @@ def write(variant: str, output: str, dtype: str = "float32", seed: int = 0,
               overwrite=overwrite)
 
 
-def main(argv):
-  logging.set_verbosity(logging.WARNING)
-  del argv
-  try:
-    if not FLAGS.output:
-      raise UserError("--output is required")
-    if FLAGS.variant != "demo" and FLAGS.variant not in big_vision.VARIANTS:
-      raise UserError(f"unknown --variant {FLAGS.variant!r}")
-    write(FLAGS.variant, FLAGS.output, FLAGS.dtype, FLAGS.seed, FLAGS.overwrite)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+def main():
+  if not FLAGS.output:
+    raise UserError("--output is required")
+  if FLAGS.variant != "demo" and FLAGS.variant not in big_vision.VARIANTS:
+    raise UserError(f"unknown --variant {FLAGS.variant!r}")
+  write(FLAGS.variant, FLAGS.output, FLAGS.dtype, FLAGS.seed, FLAGS.overwrite)
   print(f"wrote {FLAGS.output}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.main(main))

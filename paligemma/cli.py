@@ -13,10 +13,11 @@ import sys
 import time
 from typing import Callable
 
-from absl import flags, logging
+from absl import flags
 import numpy as np
 
 from paligemma import batch, detection, image as image_lib
+from paligemma import errors
 from paligemma.errors import UserError
 from paligemma.tokenizer import Tokenizer
 
@@ -140,17 +141,5 @@ def run(backend: Backend):
 
 
 def main(backend: Backend) -> Callable:
-  """An absl main that turns UserError into one stderr line and exit 1."""
-
-  def _main(argv):
-    logging.set_verbosity(logging.WARNING)  # keeps jax's backend probing off stderr
-    if len(argv) > 1:
-      print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-      sys.exit(2)
-    try:
-      run(backend)
-    except UserError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
-
-  return _main
+  """The absl main of an inference binary."""
+  return errors.main(lambda: run(backend))

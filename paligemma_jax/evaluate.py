@@ -7,11 +7,10 @@ Default checkpoint: the bundled demo model. Prints one JSON object.
 """
 
 import json
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from paligemma import cli, data, evaluate
+from paligemma import cli, data, errors, evaluate
 from paligemma.errors import UserError
 from paligemma.tokenizer import Tokenizer
 from paligemma_jax import generate, load
@@ -25,25 +24,19 @@ flags.DEFINE_integer("max_text", 32, "Most tokens generated per answer.")
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  try:
-    if FLAGS.examples < 1:
+def evaluate_main():
+  if FLAGS.examples < 1:
       raise UserError("--examples must be at least 1")
-    (model, params), cfg, tok_path = load.load(FLAGS.checkpoint or cli.DEMO_DIR)
-    tokenizer = Tokenizer(tok_path, cfg.image_token_index)
-    if FLAGS.data:
-      examples = data.read_jsonl(FLAGS.data)[:FLAGS.examples]
-    else:
-      examples = data.shapes_held_out(FLAGS.seed, FLAGS.examples, FLAGS.canvas)
-    report = evaluate.run(generate.Generator(model, params), tokenizer, cfg, examples,
-                          FLAGS.max_text)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  (model, params), cfg, tok_path = load.load(FLAGS.checkpoint or cli.DEMO_DIR)
+  tokenizer = Tokenizer(tok_path, cfg.image_token_index)
+  if FLAGS.data:
+    examples = data.read_jsonl(FLAGS.data)[:FLAGS.examples]
+  else:
+    examples = data.shapes_held_out(FLAGS.seed, FLAGS.examples, FLAGS.canvas)
+  report = evaluate.run(generate.Generator(model, params), tokenizer, cfg, examples,
+                        FLAGS.max_text)
   print(json.dumps(report))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.main(evaluate_main))

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +23,7 @@ import optax
 
 from convert import big_vision, hub, layout
 from paligemma import data, evaluate
+from paligemma import errors
 from paligemma.errors import UserError
 from paligemma.tokenizer import Tokenizer
 from paligemma_jax import generate, load
@@ -252,17 +253,5 @@ def _shuffled(examples, seed):
       yield examples[i]
 
 
-def main(argv):
-  logging.set_verbosity(logging.WARNING)
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    sys.exit(2)
-  try:
-    train()
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-
-
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.main(train))
