@@ -1,16 +1,41 @@
 """Builds the Flax parameter tree from a checkpoint.
 
 A Hub directory goes through the shared layout mapping (convert/layout.py)
-one tensor at a time; a big_vision .npz is already in this tree's layout.
+one layer at a time; a big_vision .npz is already in this tree's layout.
+Each stacked tensor is assembled in a 64-byte-aligned host buffer that JAX
+then adopts without a copy (DLPack), so loading holds the weights once plus
+one layer. bfloat16, which DLPack does not carry, costs one copy of one
+tensor at a time.
 """
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from convert import hub, layout
 from paligemma_jax.paligemma import PaliGemma
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_NP = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+def _aligned_empty(shape, dtype: np.dtype) -> np.ndarray:
+  n = int(np.prod(shape)) * dtype.itemsize
+  buf = np.empty(n + 64, np.uint8)
+  start = -buf.ctypes.data % 64
+  return buf[start:start + n].view(dtype).reshape(shape)
+
+
+def to_jax(t, dtype: str):
+  """A layout producer (or an array) -> a JAX array, assembled layer by layer."""
+  out = _aligned_empty(t.shape, _NP[dtype])
+  if isinstance(t, layout.Stacked):
+    for i in range(t.shape[0]):
+      out[i] = t.layer(i)
+  else:
+    out[...] = t() if callable(t) else t
+  if dtype == "float32" and out.size:
+    return jnp.from_dlpack(out, copy=False)
+  return jnp.asarray(out)
 
 
 def unflatten(flat: dict) -> dict:
@@ -26,7 +51,7 @@ def unflatten(flat: dict) -> dict:
 
 def params_from_hub(ckpt: hub.Checkpoint, dtype: str = "float32") -> dict:
   flat = layout.hub_to_big_vision(ckpt.config, ckpt.tensors)
-  return unflatten({k: jnp.asarray(np.asarray(t()), DTYPES[dtype]) for k, t in flat.items()})
+  return unflatten({k: to_jax(t, dtype) for k, t in flat.items()})
 
 
 def load(path: str, tokenizer: str | None = None, dtype: str = "float32",
@@ -35,7 +60,7 @@ def load(path: str, tokenizer: str | None = None, dtype: str = "float32",
   if path.endswith(".npz"):
     from convert import big_vision  # pylint: disable=import-outside-toplevel
     cfg, flat, tokenizer_path = big_vision.read(path, tokenizer, variant, config)
-    params = unflatten({k: jnp.asarray(v, DTYPES[dtype]) for k, v in flat.items()})
+    params = unflatten({k: to_jax(v, dtype) for k, v in flat.items()})
   else:
     ckpt = hub.read(path, tokenizer)
     cfg, tokenizer_path = ckpt.config, ckpt.tokenizer_path
