@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 
+from convert import hub as hub_lib
 from convert.hub import PROJECTOR, TEXT, VISION
 from paligemma.config import PaliGemmaConfig
 
@@ -100,7 +101,7 @@ def _text_layer_map(cfg: PaliGemmaConfig):
 
 def hub_to_big_vision(cfg: PaliGemmaConfig, hub: dict) -> dict:
   """Hub name -> array (lazy) to big_vision key -> Single/Stacked."""
-  v, t = cfg.vision, cfg.text
+  want = shapes(cfg)
   dt = hub[TEXT + "embed_tokens.weight"].dtype
   pieces = cfg.image_token_index
   singles = {
@@ -114,15 +115,15 @@ def hub_to_big_vision(cfg: PaliGemmaConfig, hub: dict) -> dict:
       "llm/embedder/input_embedding": lambda: hub[TEXT + "embed_tokens.weight"][:pieces],
       "llm/final_norm/scale": lambda: hub[TEXT + "norm.weight"],
   }
-  result = {key: Single(_shape_of(cfg, key), dt, fn) for key, fn in singles.items()}
+  result = {key: Single(want[key], dt, fn) for key, fn in singles.items()}
   for key, (suffix, fwd, _) in _vision_layer_map(cfg).items():
     fwd = fwd or (lambda a: a)
     result[ENC + key] = Stacked(
-        (v.num_hidden_layers,) + _shape_of(cfg, ENC + key), dt,
+        want[ENC + key], dt,
         lambda i, s=suffix, f=fwd: np.asarray(f(hub[f"{VISION}encoder.layers.{i}.{s}"])))
   for key, (suffixes, fwd, _) in _text_layer_map(cfg).items():
     result["llm/layers/" + key] = Stacked(
-        (t.num_hidden_layers,) + _shape_of(cfg, "llm/layers/" + key), dt,
+        want["llm/layers/" + key], dt,
         lambda i, ss=suffixes, f=fwd: np.asarray(f(*[hub[f"{TEXT}layers.{i}.{s}"] for s in ss])))
   return result
 
@@ -156,26 +157,25 @@ def big_vision_to_hub(cfg: PaliGemmaConfig, bv: dict) -> dict:
     for key, (suffixes, _, backs) in _text_layer_map(cfg).items():
       for s, b in zip(suffixes, backs):
         fns[f"{TEXT}layers.{i}.{s}"] = lambda i=i, k=key, b=b: b(bv["llm/layers/" + k][i])
-  from convert import hub as hub_lib  # pylint: disable=import-outside-toplevel
-  shapes = hub_lib.shapes(cfg)
-  return {name: Single(shapes[name], dt, lambda f=f: np.ascontiguousarray(f()))
+  want = hub_lib.shapes(cfg)
+  return {name: Single(want[name], dt, lambda f=f: np.ascontiguousarray(f()))
           for name, f in fns.items()}
+
+_SINGLE_KEYS = ["img/embedding/kernel", "img/embedding/bias", "img/pos_embedding",
+                "img/Transformer/encoder_norm/scale", "img/Transformer/encoder_norm/bias",
+                "img/head/kernel", "img/head/bias", "llm/embedder/input_embedding",
+                "llm/final_norm/scale"]
 
 
 def shapes(cfg: PaliGemmaConfig) -> dict[str, tuple]:
   """Every big_vision key of this config and its (stacked) shape."""
-  out = {key: _shape_of(cfg, key) for key in _SINGLE_KEYS}  # pylint: disable=used-before-assignment
+  out = {key: _shape_of(cfg, key) for key in _SINGLE_KEYS}
   for key in _vision_layer_map(cfg):
     out[ENC + key] = (cfg.vision.num_hidden_layers,) + _shape_of(cfg, ENC + key)
   for key in _text_layer_map(cfg):
     out["llm/layers/" + key] = (cfg.text.num_hidden_layers,) + _shape_of(cfg, "llm/layers/" + key)
   return out
 
-
-_SINGLE_KEYS = ["img/embedding/kernel", "img/embedding/bias", "img/pos_embedding",
-                "img/Transformer/encoder_norm/scale", "img/Transformer/encoder_norm/bias",
-                "img/head/kernel", "img/head/bias", "llm/embedder/input_embedding",
-                "llm/final_norm/scale"]
 
 
 def _shape_of(cfg: PaliGemmaConfig, key: str) -> tuple:
