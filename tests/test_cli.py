@@ -80,3 +80,25 @@ def test_runs_without_the_other_framework(module, ckpt1, images):
                      timeout=300)
   assert p.returncode == 0, p.stderr
   assert len(p.stdout.splitlines()) == 1
+
+
+def test_demo_defaults_agree():
+  """No flags: the bundled demo model on the bundled image, 'caption en'."""
+  outs = []
+  for module in BINARIES:
+    rc, out, err = run(module, "--json")
+    assert rc == 0, err
+    (line,) = out.splitlines()
+    outs.append(json.loads(line))
+  assert outs[0]["prompt"] == "caption en" and outs[0]["image"].endswith("example.png")
+  assert outs[0]["token_ids"] == outs[1]["token_ids"] and outs[0]["text"]
+
+
+def test_detection_json_and_draw(tmp_path):
+  rc, out, err = run("paligemma_torch.inference", "--prompt=detect circle", "--json",
+                     f"--draw={tmp_path}/boxes.png")
+  assert rc == 0, err
+  result = json.loads(out)
+  if "<loc" in result["text"]:
+    assert result["boxes"] or result["unparsed"]
+  assert (tmp_path / "boxes.png").is_file()
