@@ -55,6 +55,8 @@ def test_bad_input(module, ckpt1, images, tmp_path):
       ([*base, f"--tokenizer={tmp_path}/none.model"], "tokenizer not found"),
       ([*base, f"--draw={tmp_path}/no/such/dir/out.png"], "--draw: directory not found"),
   ]
+  if module != BINARIES[0]:  # the flow is shared (paligemma/cli.py): a sample suffices
+    cases = cases[:3] + cases[4:5]
   for args, msg in cases:
     rc, out, err = run(module, *args)
     assert rc != 0, args
