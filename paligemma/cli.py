@@ -93,7 +93,8 @@ def validate_sampling(r: Request):
 
 def prepare(cfg, tokenizer: Tokenizer, pairs, loaded, max_new_tokens: int):
   """-> pixels [B, 3, px, px], tokens and valid [B, T] (left-padded)."""
-  pixels = np.stack([image_lib.preprocess(loaded[p], cfg.vision.image_size) for p, _ in pairs])
+  once = {p: image_lib.preprocess(im, cfg.vision.image_size) for p, im in loaded.items()}
+  pixels = np.stack([once[p] for p, _ in pairs])
   prefixes = [tokenizer.prefix(prompt, cfg.num_image_tokens) for _, prompt in pairs]
   longest = max(len(p) for p in prefixes)
   if longest + max_new_tokens > cfg.text.max_position_embeddings:
