@@ -29,6 +29,15 @@ flags.DEFINE_integer("repeats", 3, "Timed runs per figure (median).")
 FLAGS = flags.FLAGS
 
 
+class Figures(dict):
+  """The results; each figure is also written to stderr as soon as it is
+  measured, so a run cut short still tells what it reached."""
+
+  def __setitem__(self, key, value):
+    super().__setitem__(key, value)
+    print(f"{key} = {value}", file=sys.stderr, flush=True)
+
+
 def rss_gb() -> float:
   """Peak RSS of this process (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
   with open("/proc/self/status") as f:
@@ -141,7 +150,7 @@ def bench_torch(out, reference: bool):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  out = {"impl": FLAGS.impl, "dtype": FLAGS.dtype}
+  out = Figures(impl=FLAGS.impl, dtype=FLAGS.dtype)
   if FLAGS.impl == "jax":
     bench_jax(out)
   else:
