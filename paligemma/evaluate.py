@@ -19,8 +19,11 @@ def run(generator, tokenizer, cfg, examples, max_text: int, loss_of=None, batch_
   for i in range(0, len(examples), batch_size):
     chunk = examples[i:i + batch_size]
     if loss_of is not None:
-      losses.append(loss_of(data.make_batch(tokenizer, cfg, chunk, max_text)) * len(chunk))
-    pixels = np.stack([image_lib.preprocess(ex.image, cfg.vision.image_size) for ex in chunk])
+      b = data.make_batch(tokenizer, cfg, chunk, max_text)
+      losses.append(loss_of(b) * len(chunk))
+      pixels = b.pixels  # already preprocessed
+    else:
+      pixels = np.stack([image_lib.preprocess(ex.image, cfg.vision.image_size) for ex in chunk])
     tokens, valid = batch.left_pad([tokenizer.prefix(ex.prefix, cfg.num_image_tokens)
                                     for ex in chunk], tokenizer.pad_id)
     out = generator.generate(pixels, tokens, valid, max_new_tokens=max_text)

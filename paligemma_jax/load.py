@@ -49,6 +49,17 @@ def unflatten(flat: dict) -> dict:
   return tree
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """The inverse of `unflatten`: nested dict -> '/'-joined keys."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, prefix + key + "/"))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
 def params_from_hub(ckpt: hub.Checkpoint, dtype: str = "float32") -> dict:
   flat = layout.hub_to_big_vision(ckpt.config, ckpt.tensors)
   return unflatten({k: to_jax(t, dtype) for k, t in flat.items()})

@@ -125,14 +125,7 @@ def latest_checkpoint(output: str):
 
 
 def save(path, cfg, params, opt_state, step, tokenizer_path):
-  flat = {}
-  def walk(node, prefix):
-    for k, v in node.items():
-      if isinstance(v, dict):
-        walk(v, prefix + k + "/")
-      else:
-        flat[prefix + k] = np.asarray(jax.device_get(v), np.float32)
-  walk(params, "")
+  flat = {k: np.asarray(jax.device_get(v), np.float32) for k, v in load.flatten(params).items()}
   leaves = jax.tree.leaves(opt_state)
 
   def extra(tmp):
@@ -236,9 +229,8 @@ def init_params(model: PaliGemma, cfg):
   def f(m):
     x = m.embed(px, tokens)
     return m(x, jnp.zeros((B, T), jnp.int32), valid, valid, (jnp.zeros(shape), jnp.zeros(shape)))
-  params = model.init(jax.random.PRNGKey(FLAGS.seed), method=f)["params"]
-  # Gemma's norms scale by (1 + w): zero is the identity; SigLIP LayerNorms start at 1.
-  return params
+  # Gemma's norms scale by (1 + w), so their zero init is the identity.
+  return model.init(jax.random.PRNGKey(FLAGS.seed), method=f)["params"]
 
 
 def _take(stream, n):
