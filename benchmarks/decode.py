@@ -28,7 +28,10 @@ flags.DEFINE_list("batch_sizes", ["1", "8"], "Decode batch sizes.")
 flags.DEFINE_integer("new_tokens", 128, "Tokens decoded per run.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per figure (median).")
 flags.DEFINE_string("json", "benchmark.json", "Where to write the results.")
+flags.DEFINE_enum("device", "cpu", ["cpu", "gpu"],
+                  "gpu: JAX and transformers on the GPU, bandwidth of its memory.")
 FLAGS = flags.FLAGS
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def bandwidth_gb_s(gib: float = 2.0, repeats: int = 5) -> float:
@@ -44,6 +47,21 @@ def bandwidth_gb_s(gib: float = 2.0, repeats: int = 5) -> float:
   return x.numel() * 4 / statistics.median(times) / 1e9
 
 
+def gpu_bandwidth_gb_s(gib: float = 4.0, repeats: int = 10) -> float:
+  """Streaming read bandwidth of the GPU's memory (a JAX reduction)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  x = jnp.ones(int(gib * 2**30) // 4, jnp.float32)
+  total = jax.jit(jnp.sum)
+  total(x).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    total(x).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return x.size * 4 / statistics.median(times) / 1e9
+
+
 def bytes_per_step(cfg, itemsize: int, B: int, cache_len: int) -> dict:
   decoder = sum(int(np.prod(s)) for n, s in hub.shapes(cfg).items() if n.startswith(hub.TEXT))
   t = cfg.text
@@ -55,22 +73,28 @@ def main(argv):
   del argv
   cfg = config_lib.load(FLAGS.checkpoint)
   itemsize = 4 if FLAGS.dtype == "float32" else 2
-  bw = bandwidth_gb_s()
+  if FLAGS.device == "gpu":  # in its own process: JAX keeps the GPU memory it took
+    bw = float(subprocess.run(
+        [sys.executable, "-c", "from benchmarks import decode; print(decode.gpu_bandwidth_gb_s())"],
+        capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()[-1])
+  else:
+    bw = bandwidth_gb_s()
   prompt_len = cfg.num_image_tokens + 8
   rows = []
   for impl in FLAGS.impls:
     p = subprocess.run([sys.executable, "-m", "benchmarks.worker", f"--impl={impl}",
                         f"--checkpoint={FLAGS.checkpoint}", f"--dtype={FLAGS.dtype}",
                         f"--batch_sizes={','.join(FLAGS.batch_sizes)}",
-                        f"--new_tokens={FLAGS.new_tokens}", f"--repeats={FLAGS.repeats}"],
-                       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
-                           os.path.abspath(__file__))))
+                        f"--new_tokens={FLAGS.new_tokens}", f"--repeats={FLAGS.repeats}",
+                        f"--device={FLAGS.device}"],
+                       capture_output=True, text=True, cwd=ROOT)
     if p.returncode:
       print(f"{impl}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
       continue
     rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
   result = {"checkpoint": FLAGS.checkpoint, "dtype": FLAGS.dtype, "bandwidth_gb_s": bw,
-            "machine": f"{os.cpu_count()} cores", "rows": rows, "roofline": {}}
+            "machine": f"{os.cpu_count()} cores", "device": FLAGS.device, "rows": rows,
+            "roofline": {}}
   for B in map(int, FLAGS.batch_sizes):
     b = bytes_per_step(cfg, itemsize, B, prompt_len + FLAGS.new_tokens // 2)
     step_bytes = b["weights"] + b["kv_cache"]

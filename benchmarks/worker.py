@@ -26,6 +26,7 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and acti
 flags.DEFINE_list("batch_sizes", ["1", "8"], "Decode batch sizes.")
 flags.DEFINE_integer("new_tokens", 128, "Tokens decoded per run.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per figure (median).")
+flags.DEFINE_enum("device", "cpu", ["cpu", "gpu"], "Where transformers runs (JAX: its default backend).")
 FLAGS = flags.FLAGS
 
 
@@ -68,20 +69,22 @@ def bench_jax(out):
   import jax  # pylint: disable=import-outside-toplevel
   from paligemma_jax import generate, load  # pylint: disable=import-outside-toplevel
   from paligemma_jax.paligemma import PaliGemma  # pylint: disable=import-outside-toplevel
+  if (jax.default_backend() == "gpu") != (FLAGS.device == "gpu"):
+    raise SystemExit(f"--device={FLAGS.device} but JAX's backend is {jax.default_backend()}")
   t0 = time.perf_counter()
   (model, params), cfg, tok_path = load.load(FLAGS.checkpoint, dtype=FLAGS.dtype)
   jax.block_until_ready(params)
   out["load_s"], out["load_peak_rss_gb"] = time.perf_counter() - t0, rss_gb()
   cfg = dataclasses.replace(cfg, eos_token_id=-1)
-  gen = generate.Generator(PaliGemma(cfg), params)
+  gen = generate.Generator(PaliGemma(cfg, scan=model.scan), params)
   tok = Tokenizer(tok_path, cfg.image_token_index)
   n = FLAGS.new_tokens
 
   def prefill(p, t, v):
     return jax.block_until_ready(gen.prefill(p, t, v, max_new_tokens=n))
 
-  def decode(state):
-    return jax.block_until_ready(gen.decode(state, max_new_tokens=n))
+  def decode(state, k=n):
+    return jax.block_until_ready(gen.decode(state, max_new_tokens=k))
 
   p, t, v = inputs(cfg, tok, 1)
   t0 = time.perf_counter()
@@ -89,21 +92,25 @@ def bench_jax(out):
   first_prefill = time.perf_counter() - t0
   out["prefill_s"] = median_time(lambda: prefill(p, t, v), FLAGS.repeats)
   out["compile_prefill_s"] = first_prefill - out["prefill_s"]
-  t0 = time.perf_counter()
-  decode(state)
-  first_decode = time.perf_counter() - t0
   for B in map(int, FLAGS.batch_sizes):
-    p, t, v = inputs(cfg, tok, B)
-    states = [prefill(p, t, v) for _ in range(FLAGS.repeats + 1)]
-    decode(states[-1])  # compiles for this batch size
-    dt = statistics.median(_timed(decode, s) for s in states[:-1])
+    if B != 1:  # one prefill per batch size; each timed decode starts from a copy of it
+      state = prefill(*inputs(cfg, tok, B))
+    # max_new_tokens is traced: one step compiles the loop for every length.
+    first_decode = _timed(lambda s: decode(s, 2), _copy(state))
+    dt = statistics.median(_timed(decode, _copy(state)) for _ in range(FLAGS.repeats))
     out[f"decode_tok_s_b{B}"] = B * (n - 1) / dt
     if B == 1:
-      out["compile_decode_s"] = first_decode - dt
+      out["compile_decode_s"] = first_decode - dt / (n - 1)
   traces = dict(gen.traces)
   p, t, v = inputs(cfg, tok, 1, prompt="answer en what color is the circle")
-  gen.generate(p, t, v, max_new_tokens=n // 2 + 1)  # same cache bucket as n
+  shortest = generate.round_up(n, generate.STEPS_BUCKET) - generate.STEPS_BUCKET + 1
+  gen.generate(p, t, v, max_new_tokens=shortest)  # the smallest length of n's cache bucket
   out["recompiles_for_new_prompt_and_length"] = sum(gen.traces.values()) - sum(traces.values())
+
+
+def _copy(state):
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.block_until_ready(jax.tree.map(lambda x: x.copy(), state))
 
 
 def _timed(fn, arg):
@@ -124,33 +131,52 @@ def bench_torch(out, reference: bool):
     import transformers  # pylint: disable=import-outside-toplevel
     from paligemma import config as config_lib  # pylint: disable=import-outside-toplevel
     dtype = torch.float32 if FLAGS.dtype == "float32" else torch.bfloat16
+    device = "cuda" if FLAGS.device == "gpu" else "cpu"
     model = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
-        FLAGS.checkpoint, dtype=dtype).eval()
+        FLAGS.checkpoint, dtype=dtype).eval().to(device)
     cfg, tok_path = config_lib.load(FLAGS.checkpoint), FLAGS.checkpoint + "/tokenizer.model"
 
     def run(p, t, v, k):
+      on = lambda a, dt: torch.from_numpy(a).to(device=device, dtype=dt)
       with torch.no_grad():
-        return model.generate(input_ids=torch.from_numpy(t).long(), pixel_values=torch.from_numpy(p).to(dtype),
-                              attention_mask=torch.from_numpy(v).long(),
-                              token_type_ids=torch.zeros(t.shape, dtype=torch.long),
+        return model.generate(input_ids=on(t, torch.long), pixel_values=on(p, dtype),
+                              attention_mask=on(v, torch.long),
+                              token_type_ids=torch.zeros(t.shape, dtype=torch.long, device=device),
                               max_new_tokens=k, min_new_tokens=k, do_sample=False)
   out["load_s"], out["load_peak_rss_gb"] = time.perf_counter() - t0, rss_gb()
   tok = Tokenizer(tok_path, cfg.image_token_index)
   n = FLAGS.new_tokens
-  p, t, v = inputs(cfg, tok, 1)
-  run(p, t, v, 1)  # warm-up
-  out["prefill_s"] = median_time(lambda: run(p, t, v, 1), FLAGS.repeats)
-  for B in map(int, FLAGS.batch_sizes):
+  # One forward per token: the first (image + prompt) ends the prefill, the
+  # rest are decode steps, timed from the hook's stamps within one run.
+  stamps = []
+
+  def stamp(*_):  # returns None: a forward hook's return value would replace the output
+    if FLAGS.device == "gpu":
+      torch.cuda.synchronize()
+    stamps.append(time.perf_counter())
+  model.register_forward_hook(stamp)
+
+  def timed_run(B):
     p, t, v = inputs(cfg, tok, B)
-    pre = median_time(lambda: run(p, t, v, 1), FLAGS.repeats)
-    full = median_time(lambda: run(p, t, v, n), FLAGS.repeats)
-    out[f"decode_tok_s_b{B}"] = B * (n - 1) / (full - pre)
+    stamps.clear()
+    t0 = time.perf_counter()
+    run(p, t, v, n)
+    return stamps[0] - t0, B * (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+  run(*inputs(cfg, tok, 1), 2)  # warm-up
+  for B in map(int, FLAGS.batch_sizes):
+    runs = [timed_run(B) for _ in range(FLAGS.repeats)]
+    if B == 1:
+      out["prefill_s"] = statistics.median(r[0] for r in runs)
+    out[f"decode_tok_s_b{B}"] = statistics.median(r[1] for r in runs)
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  out = Figures(impl=FLAGS.impl, dtype=FLAGS.dtype)
+  out = Figures(impl=FLAGS.impl, dtype=FLAGS.dtype, device=FLAGS.device)
+  if FLAGS.device == "gpu" and FLAGS.impl == "torch":
+    raise SystemExit("the PyTorch reference runs on CPU only")
   if FLAGS.impl == "jax":
     bench_jax(out)
   else:

@@ -44,7 +44,7 @@ VARIANTS = {f"{name if name != 'paligemma' else 'paligemma-3b'}-{px}": (dec, px)
 # Small enough to train on two CPU cores in about an hour: the bundled demo.
 DEMO = dict(
     vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                num_attention_heads=4, image_size=96, patch_size=12),
+                num_attention_heads=4, image_size=96, patch_size=16),
     text=dict(model_type="gemma", hidden_size=128, intermediate_size=512, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=1, head_dim=32))
 

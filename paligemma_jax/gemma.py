@@ -1,8 +1,11 @@
 """Gemma 1 and Gemma 2 decoders (Flax) over a preallocated KV cache.
 
 Mirrors paligemma_torch/gemma.py. Parameter names and shapes are
-big_vision's (`llm/...`); layers are stacked on a leading axis and run by
-one scanned block, which also scans over the per-layer cache.
+big_vision's (`llm/...`). Layers are either stacked on a leading axis and
+run by one scanned block (`layers`, what checkpoints and training use) or
+held one tree per layer (`layers_0`, `layers_1`, ..., big_vision's unscanned
+names), which inference uses: a scan must slice each layer's weights out of
+the stack, and XLA copies the slice, tripling the bytes a decode step moves.
 Axis names: see paligemma/__init__.py.
 """
 
@@ -28,11 +31,26 @@ class RMSNorm(nn.Module):
 
 
 class Einsum(nn.Module):
+  """Holds big_vision's `w` of an einsum; the caller contracts it."""
   shape: tuple
 
   @nn.compact
-  def __call__(self, eqn, x):
-    return jnp.einsum(eqn, x, self.param("w", _init, self.shape))
+  def __call__(self):
+    return self.param("w", _init, self.shape)
+
+
+def project(x, w):
+  """x [B, T, D] through each matrix of w [*E, D, O] -> [*E, B, T, O].
+
+  One matmul batched over w's leading axes E, so that XLA reads the weights
+  in their stored layout: an einsum that contracts the middle axis of w (as
+  "BTD,NDH->BTNH" does) makes XLA's CPU backend transpose a copy of the
+  weights at every call, 5-20x slower when decoding one token."""
+  E, (D, O) = w.shape[:-2], w.shape[-2:]
+  w = w.reshape(-1, D, O)
+  B, T = x.shape[:2]
+  x = jnp.broadcast_to(x.reshape(1, B * T, D), (w.shape[0], B * T, D))
+  return jnp.einsum("EMD,EDO->EMO", x, w).reshape(*E, B, T, O)
 
 
 def rope_tables(positions, head_dim: int, theta: float, dtype):
@@ -58,9 +76,9 @@ class Attention(nn.Module):
     and the updated cache."""
     c = self.cfg
     N, K, H, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
-    q = Einsum((N, D, H), name="q_einsum")("BTD,NDH->BTNH", x)
-    kv = Einsum((2, K, D, H), name="kv_einsum")("BTD,CKDH->CBTKH", x)
-    q, k, v = apply_rope(q, *rope), apply_rope(kv[0], *rope), kv[1]
+    q = project(x, Einsum((N, D, H), name="q_einsum")()).transpose(1, 2, 0, 3)  # [B, T, N, H]
+    kv = project(x, Einsum((2, K, D, H), name="kv_einsum")()).transpose(0, 2, 3, 1, 4)
+    q, k, v = apply_rope(q, *rope), apply_rope(kv[0], *rope), kv[1]  # k, v [B, T, K, H]
     cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, start, 0, 0))
     cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, start, 0, 0))
     B, T = x.shape[:2]
@@ -70,8 +88,8 @@ class Attention(nn.Module):
       logits = jnp.tanh(logits / c.attn_logit_softcapping) * c.attn_logit_softcapping
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(logits.dtype).min)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, cache_v).reshape(B, T, N, H)
-    out = Einsum((N, H, D), name="attn_vec_einsum")("BTNH,NHD->BTD", out)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, cache_v).reshape(B, T, N * H)
+    out = out @ Einsum((N, H, D), name="attn_vec_einsum")().reshape(N * H, D)
     return out, cache_k, cache_v
 
 
@@ -82,8 +100,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     D, F = self.cfg.hidden_size, self.cfg.intermediate_size
-    gating = self.param("gating_einsum", _init, (2, D, F))
-    gate_up = jnp.einsum("BTD,CDF->CBTF", x, gating)
+    gate_up = project(x, self.param("gating_einsum", _init, (2, D, F)))  # [2, B, T, F]
     h = jax.nn.gelu(gate_up[0], approximate=True) * gate_up[1]
     return jnp.einsum("BTF,FD->BTD", h, self.param("linear", _init, (F, D)))
 
@@ -113,26 +130,41 @@ class Gemma(nn.Module):
   """big_vision's `llm`: embedder, scanned layers, final norm."""
   cfg: TextConfig
   vocab: int  # rows of the embedding: the SentencePiece pieces, no <image>/padding
+  scan: bool = True  # stacked `layers`, or `layers_0`, `layers_1`, ... (see above)
 
   def setup(self):
     c = self.cfg
     self.embedder = Embedder(self.vocab, c.hidden_size)
-    self.layers = nn.scan(
-        DecoderLayer, variable_axes={"params": 0, "intermediates": 0},
-        split_rngs={"params": True}, in_axes=(0, 0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
-        length=c.num_hidden_layers)(c)
+    if self.scan:
+      self.layers = nn.scan(
+          DecoderLayer, variable_axes={"params": 0, "intermediates": 0},
+          split_rngs={"params": True}, in_axes=(0, 0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
+          length=c.num_hidden_layers)(c)
+    else:
+      self.layers = [DecoderLayer(c) for _ in range(c.num_hidden_layers)]  # named layers_{i}
     self.final_norm = RMSNorm(c.rms_norm_eps)
 
   def embed(self, tokens):
     return self.embedder.encode(tokens)
 
-  def __call__(self, x, positions, masks, cache, start):
+  def __call__(self, x, positions, masks, cache, start, last_only=False):
     """x [B, T, D] at positions [B, T]; masks (full, sliding) [B, T, S];
-    cache (k, v) [L, B, S, K, H]. -> (logits [B, T, V], new cache)."""
+    cache (k, v) [L, B, S, K, H]. -> (logits [B, T, V], new cache); with
+    last_only, logits [B, 1, V] of the last position (all a prefill samples
+    from: the head is a 2-D x V matmul per position)."""
     c = self.cfg
     rope = rope_tables(positions, c.head_dim, c.rope_theta, x.dtype)
-    sliding = jnp.array([c.is_sliding(i) for i in range(c.num_hidden_layers)])
-    x, cache = self.layers(x, cache[0], cache[1], sliding, rope, masks, start)
+    if self.scan:
+      sliding = jnp.array([c.is_sliding(i) for i in range(c.num_hidden_layers)])
+      x, cache = self.layers(x, cache[0], cache[1], sliding, rope, masks, start)
+    else:
+      ks, vs = jnp.asarray(cache[0]), jnp.asarray(cache[1])
+      for i, layer in enumerate(self.layers):
+        x, (k, v) = layer(x, ks[i], vs[i], c.is_sliding(i), rope, masks, start)
+        ks, vs = ks.at[i].set(k), vs.at[i].set(v)
+      cache = (ks, vs)
+    if last_only:
+      x = x[:, -1:]
     logits = self.embedder.decode(self.final_norm(x))
     if c.final_logit_softcapping is not None:
       logits = jnp.tanh(logits / c.final_logit_softcapping) * c.final_logit_softcapping

@@ -6,8 +6,13 @@ Each stacked tensor is assembled in a 64-byte-aligned host buffer that JAX
 then adopts without a copy (DLPack), so loading holds the weights once plus
 one layer. bfloat16, which DLPack does not carry, costs one copy of one
 tensor at a time.
+
+The decoder's layers come stacked (`llm/layers/...`, as checkpoints and the
+trainer hold them) or, by default, one tree per layer (`llm/layers_{i}/...`)
+for inference: see paligemma_jax/gemma.py.
 """
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -25,15 +30,19 @@ def _aligned_empty(shape, dtype: np.dtype) -> np.ndarray:
   return buf[start:start + n].view(dtype).reshape(shape)
 
 
-def to_jax(t, dtype: str):
-  """A layout producer (or an array) -> a JAX array, assembled layer by layer."""
-  out = _aligned_empty(t.shape, _NP[dtype])
-  if isinstance(t, layout.Stacked):
+def to_jax(t, dtype: str, layer: int | None = None):
+  """A layout producer (or an array) -> a JAX array, assembled layer by
+  layer; with `layer`, that layer of a stacked one."""
+  shape = t.shape if layer is None else t.shape[1:]
+  out = _aligned_empty(shape, _NP[dtype])
+  if layer is not None:
+    out[...] = t.layer(layer) if isinstance(t, layout.Stacked) else t[layer]
+  elif isinstance(t, layout.Stacked):
     for i in range(t.shape[0]):
       out[i] = t.layer(i)
   else:
     out[...] = t() if callable(t) else t
-  if dtype == "float32" and out.size:
+  if dtype == "float32" and out.size and jax.default_backend() == "cpu":
     return jnp.from_dlpack(out, copy=False)
   return jnp.asarray(out)
 
@@ -60,20 +69,30 @@ def flatten(tree: dict, prefix: str = "") -> dict:
   return flat
 
 
-def params_from_hub(ckpt: hub.Checkpoint, dtype: str = "float32") -> dict:
-  flat = layout.hub_to_big_vision(ckpt.config, ckpt.tensors)
-  return unflatten({k: to_jax(t, dtype) for k, t in flat.items()})
+_LAYERS = "llm/layers/"
+
+
+def params_from_flat(flat: dict, dtype: str = "float32", scan: bool = False) -> dict:
+  """big_vision keys -> the parameter tree, decoder layers stacked (scan) or not."""
+  out = {}
+  for key, t in flat.items():
+    if scan or not key.startswith(_LAYERS):
+      out[key] = to_jax(t, dtype)
+    else:
+      for i in range(t.shape[0]):
+        out[f"llm/layers_{i}/{key[len(_LAYERS):]}"] = to_jax(t, dtype, layer=i)
+  return unflatten(out)
 
 
 def load(path: str, tokenizer: str | None = None, dtype: str = "float32",
-         variant: str | None = None, config: str | None = None):
-  """-> ((model, params), config, tokenizer path) from a Hub directory or a .npz."""
+         variant: str | None = None, config: str | None = None, scan: bool = False):
+  """-> ((model, params), config, tokenizer path) from a Hub directory or a
+  .npz; `scan` stacks the decoder's layers, as training wants them."""
   if path.endswith(".npz"):
     from convert import big_vision  # pylint: disable=import-outside-toplevel
     cfg, flat, tokenizer_path = big_vision.read(path, tokenizer, variant, config)
-    params = unflatten({k: to_jax(v, dtype) for k, v in flat.items()})
   else:
     ckpt = hub.read(path, tokenizer)
     cfg, tokenizer_path = ckpt.config, ckpt.tokenizer_path
-    params = params_from_hub(ckpt, dtype)
-  return (PaliGemma(cfg), params), cfg, tokenizer_path
+    flat = layout.hub_to_big_vision(cfg, ckpt.tensors)
+  return (PaliGemma(cfg, scan=scan), params_from_flat(flat, dtype, scan)), cfg, tokenizer_path

@@ -37,12 +37,14 @@ def attention_masks(valid, prefix, start, T: int, window):
 
 class PaliGemma(nn.Module):
   cfg: PaliGemmaConfig
+  scan: bool = True  # the decoder's layers stacked, or one tree each (see gemma.py)
 
   def setup(self):
     self.img = siglip.VisionModel(self.cfg.vision, self.cfg.text.hidden_size)
     # big_vision's embedding has one row per SentencePiece piece: <image> and
     # the Hub's padding rows are not there.
-    self.llm = gemma.Gemma(self.cfg.text, vocab=self.cfg.image_token_index)
+    self.llm = gemma.Gemma(self.cfg.text, vocab=self.cfg.image_token_index,
+                           scan=self.scan)
 
   def embed(self, pixels, tokens):
     """pixels [B, 3, px, px], tokens [B, T] with image_token_index where the
@@ -57,8 +59,8 @@ class PaliGemma(nn.Module):
     image = jnp.take_along_axis(image, which[..., None], axis=1)
     return jnp.where(is_image[..., None], image, x)
 
-  def __call__(self, x, positions, valid, prefix, cache, start=0):
+  def __call__(self, x, positions, valid, prefix, cache, start=0, last_only=False):
     """Runs embeddings x [B, T, D] at cache slots [start, start+T).
-    -> (logits [B, T, V], new cache)."""
+    -> (logits [B, T, V] or, last_only, [B, 1, V], new cache)."""
     masks = attention_masks(valid, prefix, start, x.shape[1], self.cfg.text.sliding_window)
-    return self.llm(x, positions, masks, cache, start)
+    return self.llm(x, positions, masks, cache, start, last_only)

@@ -12,7 +12,9 @@ binaries load them) with the optimizer state beside, written then renamed;
 
 import glob
 import os
+import queue
 import sys
+import threading
 import time
 
 from absl import app, flags
@@ -154,16 +156,16 @@ def train():
   if FLAGS.resume and resume_from is None:
     raise UserError(f"--resume: no checkpoint to resume in {FLAGS.output}")
   if resume_from:
-    (model, params), cfg, tokenizer_path = load.load(resume_from)
+    (model, params), cfg, tokenizer_path = load.load(resume_from, scan=True)
   elif FLAGS.checkpoint:
     (model, params), cfg, tokenizer_path = load.load(FLAGS.checkpoint, FLAGS.tokenizer, "float32",
-                                                     FLAGS.variant, FLAGS.config)
+                                                     FLAGS.variant, FLAGS.config, scan=True)
   else:
     tokenizer_path = FLAGS.tokenizer
     pieces = Tokenizer(tokenizer_path, 1 << 30).sp.GetPieceSize()
     cfg = big_vision.variant_config(FLAGS.init, pieces)
     model = PaliGemma(cfg)
-    params = init_params(model, cfg)
+    params = init_params(model, cfg, Tokenizer(tokenizer_path, cfg.image_token_index))
   tokenizer = Tokenizer(tokenizer_path, cfg.image_token_index)
 
   if FLAGS.task == "shapes":
@@ -195,8 +197,10 @@ def train():
   eval_loss = jax.jit(lambda p, b: loss_fn(model, p, b))
   generator = generate.Generator(model, params)
   t_start, seen, losses = time.perf_counter(), 0, []
+  batches = _prefetched(lambda: data.make_batch(
+      tokenizer, cfg, list(_take(stream, FLAGS.batch_size)), FLAGS.max_text))
   while step < FLAGS.steps:
-    b = data.make_batch(tokenizer, cfg, list(_take(stream, FLAGS.batch_size)), FLAGS.max_text)
+    b = next(batches)
     params, opt_state, loss = train_step(params, opt_state, vars(b))
     step += 1
     seen += FLAGS.batch_size
@@ -218,7 +222,13 @@ def train():
       print(f"saved {path}", file=sys.stderr, flush=True)
 
 
-def init_params(model: PaliGemma, cfg):
+def init_params(model: PaliGemma, cfg, tokenizer: Tokenizer):
+  """Random initialisation for training from scratch, with two structured
+  starts that a from-scratch model would otherwise spend most of its data on:
+  big_vision's 2-D sin-cos position embedding for the patches, and `<locXXXX>`
+  embeddings that are sinusoids of the coordinate, so that neighbouring
+  locations start similar (the output head is tied to them) instead of as
+  1024 unrelated classes."""
   B, T = 1, cfg.num_image_tokens + 1
   c = cfg.text
   shape = (c.num_hidden_layers, B, T, c.num_key_value_heads, c.head_dim)
@@ -230,12 +240,57 @@ def init_params(model: PaliGemma, cfg):
     x = m.embed(px, tokens)
     return m(x, jnp.zeros((B, T), jnp.int32), valid, valid, (jnp.zeros(shape), jnp.zeros(shape)))
   # Gemma's norms scale by (1 + w), so their zero init is the identity.
-  return model.init(jax.random.PRNGKey(FLAGS.seed), method=f)["params"]
+  params = model.init(jax.random.PRNGKey(FLAGS.seed), method=f)["params"]
+  side = cfg.vision.image_size // cfg.vision.patch_size
+  params["img"]["pos_embedding"] = posemb_sincos_2d(side, cfg.vision.hidden_size)
+  loc_ids = [tokenizer.sp.PieceToId(f"<loc{i:04d}>") for i in range(1024)]
+  if all(tokenizer.sp.IdToPiece(i) == f"<loc{n:04d}>" for n, i in enumerate(loc_ids)):
+    table = params["llm"]["embedder"]["input_embedding"]
+    params["llm"]["embedder"]["input_embedding"] = table.at[jnp.array(loc_ids)].set(
+        loc_embedding(1024, c.hidden_size, float(jnp.std(table))))
+  return params
+
+
+def posemb_sincos_2d(side: int, width: int, temperature: float = 10_000.0):
+  """[1, side * side, width], row-major patches, as big_vision's ViT."""
+  y, x = jnp.mgrid[:side, :side]
+  omega = 1.0 / temperature ** (jnp.arange(width // 4) / (width // 4 - 1))
+  y = y.reshape(-1)[:, None] * omega[None]
+  x = x.reshape(-1)[:, None] * omega[None]
+  return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)[None]
+
+
+def loc_embedding(n: int, width: int, std: float):
+  """[n, width]: sin and cos of the location at periods from 2n down to 8
+  locations, with the per-entry spread of the other rows."""
+  period = 2 * n * (8 / (2 * n)) ** (jnp.arange(width // 2) / (width // 2 - 1))
+  angle = jnp.arange(n)[:, None] * (2 * jnp.pi / period)[None]
+  return jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], axis=1) * (std * 2**0.5)
 
 
 def _take(stream, n):
   for _ in range(n):
     yield next(stream)
+
+
+def _prefetched(make, depth: int = 2):
+  """make() called on a thread, `depth` ahead: drawing and preprocessing the
+  next batch overlaps the train step (XLA releases the GIL)."""
+  q = queue.Queue(depth)
+
+  def work():
+    while True:
+      try:
+        q.put(make())
+      except Exception as e:  # pylint: disable=broad-except  # re-raised on the main thread
+        q.put(e)
+        return
+  threading.Thread(target=work, daemon=True).start()
+  while True:
+    item = q.get()
+    if isinstance(item, Exception):
+      raise item
+    yield item
 
 
 def _shuffled(examples, seed):

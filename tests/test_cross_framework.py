@@ -81,7 +81,7 @@ def test_layer_by_layer(both):
   close(np.asarray(x_j)[is_image], seen["projector"].reshape(-1, seen["projector"].shape[-1]), "projector")
   close(x_j, x_t, "merged input embeddings")
   for i in range(cfg.text.num_hidden_layers):
-    close(np.asarray(llm["layers"]["layer_out"][0][i])[valid], seen[f"decoder{i}"][valid], f"decoder layer {i}")
+    close(np.asarray(llm[f"layers_{i}"]["layer_out"][0])[valid], seen[f"decoder{i}"][valid], f"decoder layer {i}")
   pieces = cfg.image_token_index
   close(np.asarray(logits_j)[valid], logits_t[..., :pieces].numpy()[valid], "logits")
   assert np.all(logits_t[..., pieces:].numpy() == 0)  # zero Hub padding rows: no logit lost

@@ -119,3 +119,28 @@ def test_fine_tune_lowers_loss_resumes_and_loads_in_both(tmp_path, dataset, ckpt
     assert rc == 0, err
     outs.append([json.loads(l)["token_ids"] for l in stdout.splitlines()])
   assert outs[0] == outs[1]
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path):
+  """Training from scratch, stopped after a checkpoint and resumed, ends
+  with the weights of the run that was never stopped."""
+  out = str(tmp_path / "run")
+  args = ["--task=shapes", "--init=demo", "--tokenizer=paligemma/demo/tokenizer.model",
+          f"--output={out}", "--steps=4", "--batch_size=2", "--warmup_steps=1",
+          "--max_text=32", "--save_every=2", "--eval_every=100", "--eval_examples=1",
+          "--log_every=1"]
+  rc, _, err = run("paligemma_jax.train", *args)
+  assert rc == 0, err
+  os.rename(os.path.join(out, "checkpoint-000004"), str(tmp_path / "uninterrupted"))
+  rc, _, err2 = run("paligemma_jax.train", *args, "--resume")
+  assert rc == 0, err2
+  assert "resumed from" in err2 and "checkpoint-000002" in err2
+  step_losses = lambda e: re.findall(r"step ([34])/4  loss ([\d.]+)", e)
+  assert step_losses(err2) == step_losses(err) and len(step_losses(err)) == 2, err + err2
+  from convert import hub  # pylint: disable=import-outside-toplevel
+  want = hub.read(str(tmp_path / "uninterrupted")).tensors
+  got = hub.read(os.path.join(out, "checkpoint-000004")).tensors
+  assert want.keys() == got.keys()
+  for k in want:
+    np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-5, atol=1e-7,
+                               err_msg=k)
