@@ -8,6 +8,7 @@ and a checkpoint is never held in memory twice.
 """
 
 import json
+import mmap
 import os
 import struct
 
@@ -61,6 +62,25 @@ def read(path: str) -> dict[str, np.ndarray]:
       raise UserError(f"{path}: corrupt header: {name!r} size does not match its shape")
     out[name] = mm[begin:end].view(dtype).reshape(shape) if end > begin else np.zeros(shape, dtype)
   return out
+
+
+def mappings(arrays) -> list:
+  """The distinct file mappings (mmap objects) under these memory-mapped arrays."""
+  found = {}
+  for a in arrays:
+    while a is not None and getattr(a, "_mmap", None) is None:
+      a = getattr(a, "base", None)
+    if a is not None:
+      found[id(a._mmap)] = a._mmap  # pylint: disable=protected-access
+  return list(found.values())
+
+
+def release(maps) -> None:
+  """Drops the file pages these mappings hold in this process (they are read
+  again if touched). A loader that copies weights out calls it as it goes:
+  the mapped file pages would otherwise count in its RSS beside the copies."""
+  for m in maps:
+    m.madvise(mmap.MADV_DONTNEED)
 
 
 def write(path: str, tensors: dict, metadata: dict | None = None) -> None:

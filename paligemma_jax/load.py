@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from convert import hub, layout
+from convert import hub, layout, safetensors
 from paligemma_jax.paligemma import PaliGemma
 
 _NP = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -72,8 +72,10 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 _LAYERS = "llm/layers/"
 
 
-def params_from_flat(flat: dict, dtype: str = "float32", scan: bool = False) -> dict:
-  """big_vision keys -> the parameter tree, decoder layers stacked (scan) or not."""
+def params_from_flat(flat: dict, dtype: str = "float32", scan: bool = False,
+                     sources: list | None = None) -> dict:
+  """big_vision keys -> the parameter tree, decoder layers stacked (scan) or
+  not; the file mappings `sources` are released after each tensor is copied."""
   out = {}
   for key, t in flat.items():
     if scan or not key.startswith(_LAYERS):
@@ -81,6 +83,7 @@ def params_from_flat(flat: dict, dtype: str = "float32", scan: bool = False) -> 
     else:
       for i in range(t.shape[0]):
         out[f"llm/layers_{i}/{key[len(_LAYERS):]}"] = to_jax(t, dtype, layer=i)
+    safetensors.release(sources or [])
   return unflatten(out)
 
 
@@ -91,8 +94,11 @@ def load(path: str, tokenizer: str | None = None, dtype: str = "float32",
   if path.endswith(".npz"):
     from convert import big_vision  # pylint: disable=import-outside-toplevel
     cfg, flat, tokenizer_path = big_vision.read(path, tokenizer, variant, config)
+    sources = safetensors.mappings(flat.values())
   else:
     ckpt = hub.read(path, tokenizer)
     cfg, tokenizer_path = ckpt.config, ckpt.tokenizer_path
     flat = layout.hub_to_big_vision(cfg, ckpt.tensors)
-  return (PaliGemma(cfg, scan=scan), params_from_flat(flat, dtype, scan)), cfg, tokenizer_path
+    sources = safetensors.mappings(ckpt.tensors.values())
+  params = params_from_flat(flat, dtype, scan, sources)
+  return (PaliGemma(cfg, scan=scan), params), cfg, tokenizer_path
