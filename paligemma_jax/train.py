@@ -165,8 +165,9 @@ def train():
     pieces = Tokenizer(tokenizer_path, 1 << 30).sp.GetPieceSize()
     cfg = big_vision.variant_config(FLAGS.init, pieces)
     model = PaliGemma(cfg)
-    params = init_params(model, cfg, Tokenizer(tokenizer_path, cfg.image_token_index))
   tokenizer = Tokenizer(tokenizer_path, cfg.image_token_index)
+  if not (resume_from or FLAGS.checkpoint):  # from scratch (a resumed run keeps its weights)
+    params = init_params(model, cfg, tokenizer)
 
   if FLAGS.task == "shapes":
     stream = data.shapes_examples(FLAGS.seed, FLAGS.canvas)
@@ -239,8 +240,8 @@ def init_params(model: PaliGemma, cfg, tokenizer: Tokenizer):
   def f(m):
     x = m.embed(px, tokens)
     return m(x, jnp.zeros((B, T), jnp.int32), valid, valid, (jnp.zeros(shape), jnp.zeros(shape)))
-  # Gemma's norms scale by (1 + w), so their zero init is the identity.
   params = model.init(jax.random.PRNGKey(FLAGS.seed), method=f)["params"]
+  # Gemma's norms scale by (1 + w): zero is the identity; SigLIP LayerNorms start at 1.
   side = cfg.vision.image_size // cfg.vision.patch_size
   params["img"]["pos_embedding"] = posemb_sincos_2d(side, cfg.vision.hidden_size)
   loc_ids = [tokenizer.sp.PieceToId(f"<loc{i:04d}>") for i in range(1024)]
