@@ -20,6 +20,7 @@ import numpy as np
 
 from convert import hub
 from paligemma import config as config_lib
+from paligemma import errors
 
 flags.DEFINE_string("checkpoint", None, "Hub checkpoint directory (see convert.random_checkpoint).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and activations.")
@@ -69,8 +70,7 @@ def bytes_per_step(cfg, itemsize: int, B: int, cache_len: int) -> dict:
   return {"weights": decoder * itemsize, "kv_cache": kv * itemsize}
 
 
-def main(argv):
-  del argv
+def main():
   cfg = config_lib.load(FLAGS.checkpoint)
   itemsize = 4 if FLAGS.dtype == "float32" else 2
   if FLAGS.device == "gpu":  # in its own process: JAX keeps the GPU memory it took
@@ -120,4 +120,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.main(main))
