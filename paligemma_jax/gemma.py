@@ -1,11 +1,15 @@
 """Gemma 1 and Gemma 2 decoders (Flax) over a preallocated KV cache.
 
 Mirrors paligemma_torch/gemma.py. Parameter names and shapes are
-big_vision's (`llm/...`). Layers are either stacked on a leading axis and
-run by one scanned block (`layers`, what checkpoints and training use) or
-held one tree per layer (`layers_0`, `layers_1`, ..., big_vision's unscanned
-names), which inference uses: a scan must slice each layer's weights out of
-the stack, and XLA copies the slice, tripling the bytes a decode step moves.
+big_vision's (`llm/...`), in one of two layouts:
+- training (`scan`): layers stacked on a leading axis and run by one scanned
+  block (`layers`), every weight as checkpoints hold it;
+- inference: one tree per layer (`layers_0`, `layers_1`, ..., big_vision's
+  unscanned names), each matrix transposed to rows, [.., O, D] (ROWS below).
+  A scan must slice each layer's weights out of the stack, and XLA copies
+  the slice, tripling the bytes a decode step moves; and XLA's CPU
+  matrix-vector product reads a matrix of rows faster than one of columns
+  (BUILD.md has the measurements).
 Axis names: see paligemma/__init__.py.
 """
 
@@ -16,6 +20,23 @@ import jax.numpy as jnp
 from paligemma.config import TextConfig
 
 _init = nn.initializers.normal(0.02)
+
+# The inference layout of each decoder matrix: big_vision's axes permuted so
+# that the output dim O comes before the contracted D (the Hub's orientation).
+ROWS = {
+    "attn/q_einsum/w": (0, 2, 1),  # [N, D, H] -> [N, H, D]
+    "attn/kv_einsum/w": (0, 1, 3, 2),  # [2, K, D, H] -> [2, K, H, D]
+    "attn/attn_vec_einsum/w": (2, 0, 1),  # [N, H, D] -> [D, N, H]
+    "mlp/gating_einsum": (0, 2, 1),  # [2, D, F] -> [2, F, D]
+    "mlp/linear": (1, 0),  # [F, D] -> [D, F]
+}
+
+
+def weight(module: nn.Module, name: str, shape: tuple, rows: bool):
+  """The parameter `name` (a ROWS key) of big_vision's `shape`, or in rows."""
+  if rows:
+    shape = tuple(shape[i] for i in ROWS[name])
+  return module.param(name.rsplit("/", 1)[-1], _init, shape)
 
 
 class RMSNorm(nn.Module):
@@ -31,12 +52,13 @@ class RMSNorm(nn.Module):
 
 
 class Einsum(nn.Module):
-  """Holds big_vision's `w` of an einsum; the caller contracts it."""
+  """Holds big_vision's `w` of an einsum (or in rows); the caller contracts it."""
   shape: tuple
+  rows: bool
 
   @nn.compact
   def __call__(self):
-    return self.param("w", _init, self.shape)
+    return weight(self, f"attn/{self.name}/w", self.shape, self.rows)
 
 
 def matmul(eqn, x, w):
@@ -49,18 +71,20 @@ def matmul(eqn, x, w):
   return jnp.einsum(eqn, x, w)
 
 
-def project(x, w):
-  """x [B, T, D] through each matrix of w [*E, D, O] -> [*E, B, T, O].
+def project(x, w, rows: bool):
+  """x [B, T, D] through each matrix of w [*E, D, O] (rows: [*E, O, D])
+  -> [*E, B, T, O].
 
   One matmul batched over w's leading axes E, so that XLA reads the weights
   in their stored layout: an einsum that contracts the middle axis of w (as
   "BTD,NDH->BTNH" does) makes XLA's CPU backend transpose a copy of the
   weights at every call, 5-20x slower when decoding one token."""
-  E, (D, O) = w.shape[:-2], w.shape[-2:]
-  w = w.reshape(-1, D, O)
-  B, T = x.shape[:2]
+  E = w.shape[:-2]
+  w = w.reshape(-1, *w.shape[-2:])
+  B, T, D = x.shape
   x = jnp.broadcast_to(x.reshape(1, B * T, D), (w.shape[0], B * T, D))
-  return matmul("EMD,EDO->EMO", x, w).reshape(*E, B, T, O)
+  y = matmul("EMD,EOD->EMO" if rows else "EMD,EDO->EMO", x, w)
+  return y.reshape(*E, B, T, -1)
 
 
 def rope_tables(positions, head_dim: int, theta: float, dtype):
@@ -78,6 +102,7 @@ def apply_rope(x, cos, sin):  # x [B, T, N, H]
 
 class Attention(nn.Module):
   cfg: TextConfig
+  rows: bool  # inference layout (see ROWS)
 
   @nn.compact
   def __call__(self, x, rope, mask, cache_k, cache_v, start):
@@ -86,8 +111,10 @@ class Attention(nn.Module):
     and the updated cache."""
     c = self.cfg
     N, K, H, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
-    q = project(x, Einsum((N, D, H), name="q_einsum")()).transpose(1, 2, 0, 3)  # [B, T, N, H]
-    kv = project(x, Einsum((2, K, D, H), name="kv_einsum")()).transpose(0, 2, 3, 1, 4)
+    q = project(x, Einsum((N, D, H), self.rows, name="q_einsum")(), self.rows)
+    q = q.transpose(1, 2, 0, 3)  # [B, T, N, H]
+    kv = project(x, Einsum((2, K, D, H), self.rows, name="kv_einsum")(), self.rows)
+    kv = kv.transpose(0, 2, 3, 1, 4)  # [2, B, T, K, H]
     q, k, v = apply_rope(q, *rope), apply_rope(kv[0], *rope), kv[1]  # k, v [B, T, K, H]
     cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, start, 0, 0))
     cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, start, 0, 0))
@@ -99,39 +126,46 @@ class Attention(nn.Module):
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(logits.dtype).min)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, cache_v).reshape(B, T, N * H)
-    # O = N * H: one [N * H, D] matrix (contracting N and H of the 3-D weight
-    # made XLA transpose it).
-    w = Einsum((N, H, D), name="attn_vec_einsum")().reshape(N * H, D)
-    out = matmul("BTO,OD->BTD", out, w)
+    # O = N * H: one 2-D matrix (contracting N and H of the 3-D weight made
+    # XLA transpose it).
+    w = Einsum((N, H, D), self.rows, name="attn_vec_einsum")()
+    if self.rows:
+      out = matmul("BTO,DO->BTD", out, w.reshape(D, N * H))
+    else:
+      out = matmul("BTO,OD->BTD", out, w.reshape(N * H, D))
     return out, cache_k, cache_v
 
 
 class MLP(nn.Module):
   """GeGLU with the tanh-approximate GELU."""
   cfg: TextConfig
+  rows: bool  # inference layout (see ROWS)
 
   @nn.compact
   def __call__(self, x):
     D, F = self.cfg.hidden_size, self.cfg.intermediate_size
-    gate_up = project(x, self.param("gating_einsum", _init, (2, D, F)))  # [2, B, T, F]
+    gating = weight(self, "mlp/gating_einsum", (2, D, F), self.rows)
+    gate_up = project(x, gating, self.rows)  # [2, B, T, F]
     h = jax.nn.gelu(gate_up[0], approximate=True) * gate_up[1]
-    return matmul("BTF,FD->BTD", h, self.param("linear", _init, (F, D)))
+    linear = weight(self, "mlp/linear", (F, D), self.rows)
+    return matmul("BTF,DF->BTD" if self.rows else "BTF,FD->BTD", h, linear)
 
 
 class DecoderLayer(nn.Module):
   """One layer; nn.scan stacks L of them as `layers`, with their caches."""
   cfg: TextConfig
+  rows: bool = False  # inference layout (see ROWS)
 
   @nn.compact
   def __call__(self, x, cache_k, cache_v, sliding, rope, masks, start):
     c = self.cfg
     mask = jnp.where(sliding, masks[1], masks[0])
-    attn, cache_k, cache_v = Attention(c, name="attn")(
+    attn, cache_k, cache_v = Attention(c, self.rows, name="attn")(
         RMSNorm(c.rms_norm_eps, name="pre_attention_norm")(x), rope, mask, cache_k, cache_v, start)
     if c.is_gemma2:
       attn = RMSNorm(c.rms_norm_eps, name="post_attention_norm")(attn)
     x = x + attn
-    out = MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, name="pre_ffw_norm")(x))
+    out = MLP(c, self.rows, name="mlp")(RMSNorm(c.rms_norm_eps, name="pre_ffw_norm")(x))
     if c.is_gemma2:
       out = RMSNorm(c.rms_norm_eps, name="post_ffw_norm")(out)
     x = x + out
@@ -143,7 +177,7 @@ class Gemma(nn.Module):
   """big_vision's `llm`: embedder, scanned layers, final norm."""
   cfg: TextConfig
   vocab: int  # rows of the embedding: the SentencePiece pieces, no <image>/padding
-  scan: bool = True  # stacked `layers`, or `layers_0`, `layers_1`, ... (see above)
+  scan: bool = True  # the training layout, or the inference one (see above)
 
   def setup(self):
     c = self.cfg
@@ -154,7 +188,7 @@ class Gemma(nn.Module):
           split_rngs={"params": True}, in_axes=(0, 0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
           length=c.num_hidden_layers)(c)
     else:
-      self.layers = [DecoderLayer(c) for _ in range(c.num_hidden_layers)]  # named layers_{i}
+      self.layers = [DecoderLayer(c, rows=True) for _ in range(c.num_hidden_layers)]  # layers_{i}
     self.final_norm = RMSNorm(c.rms_norm_eps)
 
   def embed(self, tokens):

@@ -7,9 +7,9 @@ then adopts without a copy (DLPack), so loading holds the weights once plus
 one layer. bfloat16, which DLPack does not carry, costs one copy of one
 tensor at a time.
 
-The decoder's layers come stacked (`llm/layers/...`, as checkpoints and the
-trainer hold them) or, by default, one tree per layer (`llm/layers_{i}/...`)
-for inference: see paligemma_jax/gemma.py.
+The decoder comes in the training layout (`llm/layers/...` stacked, as
+checkpoints hold it) or, by default, the inference one (`llm/layers_{i}/...`,
+each matrix as rows): see paligemma_jax/gemma.py.
 """
 
 import jax
@@ -18,6 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from convert import hub, layout, safetensors
+from paligemma_jax import gemma
 from paligemma_jax.paligemma import PaliGemma
 
 _NP = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -30,13 +31,16 @@ def _aligned_empty(shape, dtype: np.dtype) -> np.ndarray:
   return buf[start:start + n].view(dtype).reshape(shape)
 
 
-def to_jax(t, dtype: str, layer: int | None = None):
+def to_jax(t, dtype: str, layer: int | None = None, perm: tuple | None = None):
   """A layout producer (or an array) -> a JAX array, assembled layer by
-  layer; with `layer`, that layer of a stacked one."""
+  layer; with `layer`, that layer of a stacked one, its axes permuted by
+  `perm` (in the same copy)."""
   shape = t.shape if layer is None else t.shape[1:]
-  out = _aligned_empty(shape, _NP[dtype])
+  perm = perm or tuple(range(len(shape)))
+  out = _aligned_empty(tuple(shape[i] for i in perm), _NP[dtype])
   if layer is not None:
-    out[...] = t.layer(layer) if isinstance(t, layout.Stacked) else t[layer]
+    w = t.layer(layer) if isinstance(t, layout.Stacked) else t[layer]
+    out[...] = np.transpose(w, perm)
   elif isinstance(t, layout.Stacked):
     for i in range(t.shape[0]):
       out[i] = t.layer(i)
@@ -74,15 +78,17 @@ _LAYERS = "llm/layers/"
 
 def params_from_flat(flat: dict, dtype: str = "float32", scan: bool = False,
                      sources: list | None = None) -> dict:
-  """big_vision keys -> the parameter tree, decoder layers stacked (scan) or
-  not; the file mappings `sources` are released after each tensor is copied."""
+  """big_vision keys -> the parameter tree in the training layout (scan) or
+  the inference one; the file mappings `sources` are released after each
+  tensor is copied."""
   out = {}
   for key, t in flat.items():
     if scan or not key.startswith(_LAYERS):
       out[key] = to_jax(t, dtype)
     else:
+      name = key[len(_LAYERS):]
       for i in range(t.shape[0]):
-        out[f"llm/layers_{i}/{key[len(_LAYERS):]}"] = to_jax(t, dtype, layer=i)
+        out[f"llm/layers_{i}/{name}"] = to_jax(t, dtype, i, gemma.ROWS.get(name))
     safetensors.release(sources or [])
   return unflatten(out)
 
@@ -90,7 +96,7 @@ def params_from_flat(flat: dict, dtype: str = "float32", scan: bool = False,
 def load(path: str, tokenizer: str | None = None, dtype: str = "float32",
          variant: str | None = None, config: str | None = None, scan: bool = False):
   """-> ((model, params), config, tokenizer path) from a Hub directory or a
-  .npz; `scan` stacks the decoder's layers, as training wants them."""
+  .npz; `scan` gives the training layout (see gemma.py)."""
   if path.endswith(".npz"):
     from convert import big_vision  # pylint: disable=import-outside-toplevel
     cfg, flat, tokenizer_path = big_vision.read(path, tokenizer, variant, config)

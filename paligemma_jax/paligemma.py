@@ -37,7 +37,7 @@ def attention_masks(valid, prefix, start, T: int, window):
 
 class PaliGemma(nn.Module):
   cfg: PaliGemmaConfig
-  scan: bool = True  # the decoder's layers stacked, or one tree each (see gemma.py)
+  scan: bool = True  # the decoder's training layout, or the inference one (see gemma.py)
 
   def setup(self):
     self.img = siglip.VisionModel(self.cfg.vision, self.cfg.text.hidden_size)

@@ -60,7 +60,9 @@ flags.DEFINE_bool("resume", False, "Continue from the newest checkpoint in --out
 FLAGS = flags.FLAGS
 
 def loss_fn(model: PaliGemma, params, b):
-  """Mean next-token cross-entropy over the suffix tokens and <eos>."""
+  """Next-token cross-entropy over each example's suffix tokens and <eos>,
+  averaged per example, then over the batch (big_vision's convention): a
+  one-token answer ("2") weighs as much as a sixteen-token detection."""
   c = model.cfg.text
   B, T = b["tokens"].shape
   shape = (c.num_hidden_layers, B, T, c.num_key_value_heads, c.head_dim)
@@ -73,7 +75,8 @@ def loss_fn(model: PaliGemma, params, b):
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, b["tokens"][:, 1:, None], axis=-1)[..., 0]
   w = b["loss"][:, :-1].astype(jnp.float32)
-  return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+  per_example = jnp.sum(nll * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+  return jnp.mean(per_example)
 
 
 def trainable_labels(params):

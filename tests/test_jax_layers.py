@@ -1,5 +1,5 @@
 """The two JAX parameter layouts of the decoder (stacked for training, one
-tree per layer for inference) compute the same thing, and the compiled
+tree per layer of row matrices for inference) compute the same thing, and the compiled
 decode step reads every weight where it lies: no per-step copy of a weight
 (a scan's layer slice, or a transpose XLA inserts for an einsum that
 contracts a weight's middle axis) that would multiply the bytes moved."""
@@ -12,7 +12,7 @@ import pytest
 
 from paligemma import batch, image as image_lib
 from paligemma.tokenizer import Tokenizer
-from paligemma_jax import generate, load, sampling
+from paligemma_jax import gemma, generate, load, sampling
 from paligemma_jax.paligemma import PaliGemma
 
 PROMPTS = ["caption en", "answer en where is the cat standing? on the table"]
@@ -36,8 +36,12 @@ def test_layouts(setup):
   assert not model.scan and scanned.scan
   assert "layers" not in params["llm"] and f"layers_{L - 1}" in params["llm"]
   for key, w in load.flatten(stacked["llm"]["layers"]).items():
+    perm = gemma.ROWS.get(key, tuple(range(w.ndim - 1)))
     for i in range(L):
-      np.testing.assert_array_equal(load.flatten(params["llm"][f"layers_{i}"])[key], w[i])
+      np.testing.assert_array_equal(load.flatten(params["llm"][f"layers_{i}"])[key],
+                                    np.transpose(w[i], perm))
+  assert params["llm"]["layers_0"]["mlp"]["linear"].shape == (cfg.text.hidden_size,
+                                                             cfg.text.intermediate_size)
 
 
 def test_same_logits(setup):
