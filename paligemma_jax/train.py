@@ -29,6 +29,7 @@ from paligemma import errors
 from paligemma.errors import UserError
 from paligemma.tokenizer import Tokenizer
 from paligemma_jax import generate, load
+from paligemma_jax.loss import loss_fn
 from paligemma_jax.paligemma import PaliGemma
 
 flags.DEFINE_string("output", None, "Directory for checkpoints.")
@@ -58,26 +59,6 @@ flags.DEFINE_integer("log_every", 20, "Progress line every this many steps.")
 flags.DEFINE_integer("seed", 0, "Initialisation and data seed.")
 flags.DEFINE_bool("resume", False, "Continue from the newest checkpoint in --output.")
 FLAGS = flags.FLAGS
-
-def loss_fn(model: PaliGemma, params, b):
-  """Next-token cross-entropy over each example's suffix tokens and <eos>,
-  averaged per example, then over the batch (big_vision's convention): a
-  one-token answer ("2") weighs as much as a sixteen-token detection."""
-  c = model.cfg.text
-  B, T = b["tokens"].shape
-  shape = (c.num_hidden_layers, B, T, c.num_key_value_heads, c.head_dim)
-  dtype = params["llm"]["embedder"]["input_embedding"].dtype
-  cache = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-  positions = jnp.maximum(jnp.cumsum(b["valid"], axis=1) - 1, 0)
-  variables = {"params": params}
-  x = model.apply(variables, b["pixels"], b["tokens"], method=PaliGemma.embed)
-  logits, _ = model.apply(variables, x, positions, b["valid"], b["prefix"], cache, 0)
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, b["tokens"][:, 1:, None], axis=-1)[..., 0]
-  w = b["loss"][:, :-1].astype(jnp.float32)
-  per_example = jnp.sum(nll * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
-  return jnp.mean(per_example)
-
 
 def trainable_labels(params):
   def label(path, _):

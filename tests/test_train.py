@@ -80,7 +80,7 @@ def test_batch_masks(ckpt1):
 def test_loss_weighs_each_example_equally(ckpt1):
   """The batch loss is the mean of the examples' own losses, whatever their
   answer lengths (per-token averaging would favour the longer answer)."""
-  from paligemma_jax import load, train  # pylint: disable=import-outside-toplevel
+  from paligemma_jax import load, loss  # pylint: disable=import-outside-toplevel
   from paligemma.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel
   (model, params), cfg, tok_path = load.load(ckpt1, scan=True)
@@ -88,8 +88,8 @@ def test_loss_weighs_each_example_equally(ckpt1):
   short = data.Example(Image.new("RGB", (8, 8), (200, 30, 30)), "answer en count", "2")
   long = data.Example(Image.new("RGB", (8, 8), (30, 30, 200)), "caption en",
                       "a red circle, a blue square and a yellow triangle")
-  loss = lambda exs: float(train.loss_fn(model, params, vars(data.make_batch(tok, cfg, exs, 32))))
-  both, a, b = loss([short, long]), loss([short]), loss([long])
+  of = lambda exs: float(loss.loss_fn(model, params, vars(data.make_batch(tok, cfg, exs, 64))))
+  both, a, b = of([short, long]), of([short]), of([long])
   assert abs(a - b) > 0.05  # the test can tell the two weightings apart
   np.testing.assert_allclose(both, (a + b) / 2, rtol=1e-5)
 
