@@ -44,7 +44,7 @@ def test_layouts(setup):
                                                              cfg.text.intermediate_size)
 
 
-def test_same_logits(setup):
+def test_same_logits_and_generations(setup):
   model, params, scanned, stacked, cfg, pixels, tokens, valid = setup
   B, T = tokens.shape
   c = cfg.text
@@ -57,6 +57,9 @@ def test_same_logits(setup):
   # The same ops in the same order: equal up to XLA fusing them differently.
   np.testing.assert_allclose(logits(model, params)[valid], logits(scanned, stacked)[valid],
                              rtol=1e-5, atol=1e-5 * np.abs(logits(scanned, stacked)).max())
+  kw = dict(max_new_tokens=10)
+  np.testing.assert_array_equal(generate.Generator(model, params).generate(pixels, tokens, valid, **kw),
+                                generate.Generator(scanned, stacked).generate(pixels, tokens, valid, **kw))
 
 
 def _weight_sized_copies(hlo: str, params) -> list[str]:
