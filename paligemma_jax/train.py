@@ -225,6 +225,14 @@ def init_params(model: PaliGemma, cfg, tokenizer: Tokenizer):
     x = m.embed(px, tokens)
     return m(x, jnp.zeros((B, T), jnp.int32), valid, valid, (jnp.zeros(shape), jnp.zeros(shape)))
   params = model.init(jax.random.PRNGKey(FLAGS.seed), method=f)["params"]
+  # The decoder's matrices are declared as normal(0.02), a placeholder that
+  # checkpoints overwrite. Trained from scratch at a small width, that makes
+  # every path from an image feature to a logit a product of near-zero
+  # matrices: on single-shape captions the kind stayed at chance for 300
+  # steps. At std 1/sqrt(D) (so embeddings times sqrt(D) have unit variance,
+  # Gemma's design) it is learned as fast as by a classifier on the vision
+  # tower alone (BUILD.md, "The demo model"). Norm scales are zeros: unchanged.
+  params["llm"] = jax.tree.map(lambda w: w * (c.hidden_size**-0.5 / 0.02), params["llm"])
   # Gemma's norms scale by (1 + w): zero is the identity; SigLIP LayerNorms start at 1.
   side = cfg.vision.image_size // cfg.vision.patch_size
   params["img"]["pos_embedding"] = posemb_sincos_2d(side, cfg.vision.hidden_size)

@@ -161,3 +161,9 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
   for k in want:
     np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-5, atol=1e-7,
                                err_msg=k)
+  # From scratch, the decoder starts at std 1/sqrt(D), not the 0.02 placeholder
+  # (4 steps of lr 1e-3 move it by far less than the 10% allowed here).
+  for name in ("layers.0.mlp.gate_proj.weight", "layers.1.self_attn.q_proj.weight",
+               "embed_tokens.weight"):
+    w = np.asarray(want[hub.TEXT + name])
+    assert abs(w.std() * w.shape[-1]**0.5 - 1) < 0.1, (name, w.std())
