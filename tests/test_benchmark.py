@@ -33,7 +33,8 @@ def test_random_demo_checkpoint_loads(tmp_path):
 def test_benchmark_command(tmp_path, ckpt1):
   out = tmp_path / "b.json"
   p = subprocess.run([sys.executable, "-m", "benchmarks.decode", f"--checkpoint={ckpt1}",
-                      "--new_tokens=4", "--repeats=1", "--batch_sizes=1,2", f"--json={out}"],
+                      "--new_tokens=4", "--repeats=1", "--batch_sizes=1,2", "--bandwidth_gib=0.25",
+                      f"--json={out}"],
                      cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr
   r = json.loads(out.read_text())

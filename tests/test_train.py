@@ -144,7 +144,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
   out = str(tmp_path / "run")
   args = ["--task=shapes", "--init=demo", "--tokenizer=paligemma/demo/tokenizer.model",
           f"--output={out}", "--steps=4", "--batch_size=2", "--warmup_steps=1",
-          "--max_text=32", "--save_every=2", "--eval_every=100", "--eval_examples=1",
+          "--max_text=24", "--save_every=2", "--eval_every=100", "--eval_examples=1",
           "--log_every=1"]
   rc, _, err = run("paligemma_jax.train", *args)
   assert rc == 0, err
