@@ -230,7 +230,7 @@ def init_params(model: PaliGemma, cfg, tokenizer: Tokenizer):
   # every path from an image feature to a logit a product of near-zero
   # matrices: on single-shape captions the kind stayed at chance for 300
   # steps. At std 1/sqrt(D) (so embeddings times sqrt(D) have unit variance,
-  # Gemma's design) it is learned as fast as by a classifier on the vision
+  # Gemma's design) it is learned nearly as fast as by a classifier on the vision
   # tower alone (BUILD.md, "The demo model"). Norm scales are zeros: unchanged.
   params["llm"] = jax.tree.map(lambda w: w * (c.hidden_size**-0.5 / 0.02), params["llm"])
   # Gemma's norms scale by (1 + w): zero is the identity; SigLIP LayerNorms start at 1.
