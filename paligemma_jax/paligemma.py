@@ -6,7 +6,10 @@ Mirrors paligemma_torch/paligemma.py. The parameter tree is big_vision's
 Axis names: see paligemma/__init__.py.
 """
 
+import contextlib
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from paligemma.config import PaliGemmaConfig
@@ -35,6 +38,16 @@ def attention_masks(valid, prefix, start, T: int, window):
   return full, ((causal & (q - k < window)) | both_prefix) & keep
 
 
+def exact(dtype):
+  """float32 means float32 on every backend: XLA's GPU backend otherwise
+  multiplies float32 matrices in TensorFloat-32 (10-bit mantissa; SigLIP's
+  first layer was 6e-4 off torch's float32 on an H200), which the CPU
+  backend never does. bfloat16 runs as it is."""
+  if dtype == jnp.float32:
+    return jax.default_matmul_precision("float32")
+  return contextlib.nullcontext()
+
+
 class PaliGemma(nn.Module):
   cfg: PaliGemmaConfig
   scan: bool = True  # the decoder's training layout, or the inference one (see gemma.py)
@@ -54,7 +67,8 @@ class PaliGemma(nn.Module):
     x = self.llm.embed(jnp.where(is_image, 0, tokens))
     if pixels is None:
       return x
-    image = self.img(pixels.astype(x.dtype)).astype(x.dtype)  # [B, N, D]
+    with exact(x.dtype):
+      image = self.img(pixels.astype(x.dtype)).astype(x.dtype)  # [B, N, D]
     which = jnp.maximum(jnp.cumsum(is_image, axis=1) - 1, 0)  # image token index of slot
     image = jnp.take_along_axis(image, which[..., None], axis=1)
     return jnp.where(is_image[..., None], image, x)
@@ -63,4 +77,5 @@ class PaliGemma(nn.Module):
     """Runs embeddings x [B, T, D] at cache slots [start, start+T).
     -> (logits [B, T, V] or, last_only, [B, 1, V], new cache)."""
     masks = attention_masks(valid, prefix, start, x.shape[1], self.cfg.text.sliding_window)
-    return self.llm(x, positions, masks, cache, start, last_only)
+    with exact(x.dtype):
+      return self.llm(x, positions, masks, cache, start, last_only)

@@ -19,9 +19,10 @@ class Cache:
   v: torch.Tensor  # [L, B, S, K, H]
 
   @classmethod
-  def zeros(cls, cfg: TextConfig, batch: int, length: int, dtype) -> "Cache":
+  def zeros(cls, cfg: TextConfig, batch: int, length: int, dtype, device=None) -> "Cache":
     shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
-    return cls(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+    return cls(torch.zeros(shape, dtype=dtype, device=device),
+               torch.zeros(shape, dtype=dtype, device=device))
 
 
 class RMSNorm(nn.Module):
@@ -40,7 +41,7 @@ class RMSNorm(nn.Module):
 
 def rope_tables(positions, head_dim: int, theta: float, dtype):
   """cos, sin [B, T, 1, H] for rotate-half RoPE, computed in float32."""
-  inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+  inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
   freqs = positions[..., None].float() * inv_freq  # [B, T, H/2]
   emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
   return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -134,7 +135,7 @@ class Gemma(nn.Module):
 
   def embed(self, tokens):  # [B, T] -> [B, T, D], times sqrt(D) in the weights' dtype
     x = self.embed_tokens(tokens)
-    return x * torch.tensor(self.cfg.hidden_size**0.5, dtype=x.dtype)
+    return x * torch.tensor(self.cfg.hidden_size**0.5, dtype=x.dtype, device=x.device)
 
   def forward(self, x, positions, masks, cache: Cache, start: int):
     """x [B, T, D] embeddings at positions [B, T]; masks (full, sliding) [B, T, S]."""

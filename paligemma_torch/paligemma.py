@@ -21,8 +21,8 @@ def attention_masks(valid, prefix, start: int, T: int, S: int, window):
   also drop keys `window` or more slots back, except prefix-to-prefix, as
   transformers' masks do.
   """
-  q = torch.arange(start, start + T)[:, None]
-  k = torch.arange(S)[None, :]
+  q = torch.arange(start, start + T, device=valid.device)[:, None]
+  k = torch.arange(S, device=valid.device)[None, :]
   causal = k <= q
   both_prefix = prefix[:, start:start + T, None] & prefix[:, None, :S]
   keep = valid[:, None, :S]
