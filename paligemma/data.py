@@ -61,12 +61,19 @@ def read_jsonl(path: str, on_error: str = "stop") -> list[Example]:
   return out
 
 
-def shapes_examples(seed: int, size: int = 224):
-  """An endless stream of shapes examples, one random question per scene."""
+def shapes_examples(seed: int, size: int = 224, tasks=shapes.TASKS, max_shapes: int = 3):
+  """An endless stream of shapes examples, one random question per scene:
+  a task drawn uniformly from `tasks` (among those the scene answers), then
+  one of its questions. Drawing questions uniformly instead made `detect`
+  (three per scene) 45% of the data and captions 15%."""
   rng = np.random.default_rng(seed)
   while True:
-    image, objs = shapes.scene(rng, size)
-    qs = shapes.questions(objs, size)
+    image, objs = shapes.scene(rng, size, max_shapes)
+    by_task = {}
+    for q in shapes.questions(objs, size):
+      if q[0] in tasks:
+        by_task.setdefault(q[0], []).append(q)
+    qs = list(by_task.values())[int(rng.integers(len(by_task)))]
     task, prefix, suffix = qs[int(rng.integers(len(qs)))]
     yield Example(image, prefix, suffix, task, tuple(objs), size)
 

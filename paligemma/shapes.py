@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 KINDS = ("circle", "square", "triangle")
+TASKS = ("caption", "count", "color", "detect")
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220),
           "yellow": (230, 200, 40)}
 
@@ -30,13 +31,13 @@ def _overlaps(a, b) -> bool:
   return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def scene(rng: np.random.Generator, size: int = 224):
-  """-> (RGB image, shapes left to right): 1-3 non-overlapping shapes."""
+def scene(rng: np.random.Generator, size: int = 224, max_shapes: int = 3):
+  """-> (RGB image, shapes left to right): 1 to max_shapes non-overlapping shapes."""
   background = tuple(int(c) for c in rng.integers(200, 256, 3))
   image = Image.new("RGB", (size, size), background)
   draw = ImageDraw.Draw(image)
   shapes = []
-  n = int(rng.integers(1, 4))
+  n = int(rng.integers(1, max_shapes + 1))
   while len(shapes) < n:
     side = int(round(size * rng.uniform(0.2, 0.4)))
     x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, 2))

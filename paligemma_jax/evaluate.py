@@ -13,7 +13,7 @@ from absl import app, flags
 from paligemma import cli, data, errors, evaluate
 from paligemma.errors import UserError
 from paligemma.tokenizer import Tokenizer
-from paligemma_jax import generate, load
+from paligemma_jax import generate, load, xla_cache
 
 flags.DEFINE_string("checkpoint", None, "Hub directory or .npz; default: the demo model.")
 flags.DEFINE_string("data", None, "JSONL instead of the shapes task.")
@@ -39,4 +39,5 @@ def evaluate_main():
 
 
 if __name__ == "__main__":
+  xla_cache.persist_compilations()
   app.run(errors.main(evaluate_main))

@@ -4,13 +4,11 @@ The same flags and output as paligemma_torch.inference (paligemma/cli.py);
 runs with torch not installed.
 """
 
-import os
-
 from absl import app
 import jax
 
 from paligemma import cli
-from paligemma_jax import generate, load
+from paligemma_jax import generate, load, xla_cache
 
 
 def _load(*args):
@@ -26,10 +24,6 @@ def _generate(generator: generate.Generator, pixels, tokens, valid, r: cli.Reque
 
 
 if __name__ == "__main__":
-  # Compiled prefill and decode persist across runs: the second run of the
-  # same model and bucket starts generating at once.
-  jax.config.update("jax_compilation_cache_dir",
-                    os.environ.get("PALIGEMMA_JAX_CACHE", os.path.expanduser("~/.cache/paligemma/jax")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  xla_cache.persist_compilations()
   cli.define_flags()
   app.run(cli.main(cli.Backend(load=_load, generate=_generate)))

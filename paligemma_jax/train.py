@@ -24,11 +24,11 @@ import numpy as np
 import optax
 
 from convert import big_vision, hub, layout
-from paligemma import data, evaluate
+from paligemma import data, evaluate, shapes
 from paligemma import errors
 from paligemma.errors import UserError
 from paligemma.tokenizer import Tokenizer
-from paligemma_jax import generate, load
+from paligemma_jax import generate, load, xla_cache
 from paligemma_jax.loss import loss_fn
 from paligemma_jax.paligemma import PaliGemma
 
@@ -37,6 +37,9 @@ flags.DEFINE_string("data", None, "Training JSONL: {image, prefix, suffix} per l
 flags.DEFINE_string("eval_data", None, "Held-out JSONL (for --data).")
 flags.DEFINE_enum("task", None, ["shapes"], "A built-in synthetic task instead of --data.")
 flags.DEFINE_integer("canvas", 224, "Image size of the shapes task.")
+flags.DEFINE_list("shapes_tasks", list(shapes.TASKS),
+                  "The shapes questions trained on (evaluation asks them all).")
+flags.DEFINE_integer("shapes_max", 3, "Most shapes in a training scene, 1-3 (evaluation: 1-3).")
 flags.DEFINE_enum("on_bad_line", "stop", ["stop", "skip"], "What a bad JSONL line does.")
 flags.DEFINE_string("checkpoint", None, "Starting point: Hub directory or .npz.")
 flags.DEFINE_string("init", None, "Train from scratch: 'demo' or a variant (paligemma-3b-224, ...).")
@@ -100,6 +103,12 @@ def validate_flags():
     raise UserError(f"--lr must be positive, got {FLAGS.lr}")
   if FLAGS.warmup_steps < 0 or FLAGS.weight_decay < 0 or FLAGS.clip_norm < 0:
     raise UserError("--warmup_steps, --weight_decay and --clip_norm must be >= 0")
+  unknown = set(FLAGS.shapes_tasks) - set(shapes.TASKS)
+  if unknown or not FLAGS.shapes_tasks:
+    raise UserError(f"--shapes_tasks: choose among {','.join(shapes.TASKS)}, got "
+                    f"{','.join(FLAGS.shapes_tasks)}")
+  if not 1 <= FLAGS.shapes_max <= 3:
+    raise UserError(f"--shapes_max must be 1, 2 or 3, got {FLAGS.shapes_max}")
   if FLAGS.freeze_vision and FLAGS.train_only_attention:
     raise UserError("--freeze_vision and --train_only_attention exclude each other")
 
@@ -154,7 +163,7 @@ def train():
     params = init_params(model, cfg, tokenizer)
 
   if FLAGS.task == "shapes":
-    stream = data.shapes_examples(FLAGS.seed, FLAGS.canvas)
+    stream = data.shapes_examples(FLAGS.seed, FLAGS.canvas, FLAGS.shapes_tasks, FLAGS.shapes_max)
     held_out = list(_take(data.shapes_examples(10**6 + FLAGS.seed, FLAGS.canvas), FLAGS.eval_examples))
   else:
     examples = data.read_jsonl(FLAGS.data, FLAGS.on_bad_line)
@@ -294,4 +303,5 @@ def _shuffled(examples, seed):
 
 
 if __name__ == "__main__":
+  xla_cache.persist_compilations()
   app.run(errors.main(train))

@@ -41,7 +41,8 @@ class RMSNorm(nn.Module):
 
 def rope_tables(positions, head_dim: int, theta: float, dtype):
   """cos, sin [B, T, 1, H] for rotate-half RoPE, computed in float32."""
-  inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+  even = torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device)
+  inv_freq = 1.0 / (theta ** (even / head_dim))
   freqs = positions[..., None].float() * inv_freq  # [B, T, H/2]
   emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
   return emb.cos().to(dtype), emb.sin().to(dtype)

@@ -7,14 +7,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.binaries import ROOT, run, run_each
+
 BINARIES = ["paligemma_torch.inference", "paligemma_jax.inference"]
-
-
-def run(module, *args):
-  p = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
-                     text=True, timeout=300)
-  return p.returncode, p.stdout, p.stderr
 
 
 @pytest.mark.parametrize("module", BINARIES)
@@ -57,8 +52,7 @@ def test_bad_input(module, ckpt1, images, tmp_path):
   ]
   if module != BINARIES[0]:  # the flow is shared (paligemma/cli.py): a sample suffices
     cases = cases[:3] + cases[4:5]
-  for args, msg in cases:
-    rc, out, err = run(module, *args)
+  for (args, msg), (rc, out, err) in zip(cases, run_each([[module, *a] for a, _ in cases])):
     assert rc != 0, args
     assert out == "", args
     assert "Traceback" not in err, err

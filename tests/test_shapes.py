@@ -1,10 +1,13 @@
 """The synthetic task and the detection format."""
 
+import collections
+import itertools
+
 import numpy as np
 from PIL import Image
 import pytest
 
-from paligemma import detection, shapes
+from paligemma import data, detection, shapes
 
 
 def test_scenes_follow_the_spec():
@@ -41,6 +44,18 @@ def test_answers():
   assert qs["detect triangle"] == ""
   assert qs["detect square"] == "<loc0091><loc0457><loc0320><loc0685> square"
   assert qs["detect circle"].count(" ; ") == 1
+
+
+def test_training_stream_balances_tasks():
+  """Each task about as often as the others (color a little less: a scene
+  with two shapes of every kind it shows has no color question), and only
+  the tasks and scene sizes asked for."""
+  seen = collections.Counter(ex.task for ex in itertools.islice(data.shapes_examples(0, 64), 800))
+  assert set(seen) == set(shapes.TASKS)
+  assert all(140 < seen[t] < 260 for t in shapes.TASKS), seen
+  some = list(itertools.islice(data.shapes_examples(0, 64, ("caption", "color"), max_shapes=1), 100))
+  assert {ex.task for ex in some} == {"caption", "color"}
+  assert {len(ex.objects) for ex in some} == {1}
 
 
 def test_parse_boxes_and_malformed():

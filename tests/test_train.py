@@ -4,23 +4,13 @@ result that loads in both binaries with identical greedy generations."""
 import json
 import os
 import re
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 from paligemma import data
 from paligemma.errors import UserError
 from tests import helpers
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(module, *args):
-  p = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
-                     text=True, timeout=600)
-  return p.returncode, p.stdout, p.stderr
+from tests.binaries import run, run_each
 
 
 def _jsonl(path, rows):
@@ -101,13 +91,14 @@ def test_bad_flags(tmp_path, dataset, ckpt1):
       ([*base, "--batch_size=0"], "--batch_size must be at least 1"),
       ([*base, "--lr=-1"], "--lr must be positive"),
       ([*base, "--resume"], "no checkpoint to resume"),
+      ([*base, "--shapes_tasks=caption,colour"], "--shapes_tasks: choose among"),
+      ([*base, "--shapes_max=4"], "--shapes_max must be 1, 2 or 3"),
       ([f"--output={tmp_path}/o", f"--checkpoint={ckpt1}"], "exactly one of --data and --task"),
       ([f"--output={tmp_path}/o", f"--data={train}", "--init=demo"], "--init needs --tokenizer"),
       ([f"--output={tmp_path}/o", f"--data={tmp_path}/none.jsonl", f"--checkpoint={ckpt1}"], "data file not found"),
       ([*base[:2], f"--checkpoint={tmp_path}/none"], "checkpoint directory not found"),
   ]
-  for args, msg in cases:
-    rc, _, err = run("paligemma_jax.train", *args)
+  for (args, msg), (rc, _, err) in zip(cases, run_each([["paligemma_jax.train", *a] for a, _ in cases])):
     assert rc == 1 and "Traceback" not in err, err
     assert msg in err.strip().splitlines()[-1], (args, err)
 
@@ -128,11 +119,11 @@ def test_fine_tune_lowers_loss_resumes_and_loads_in_both(tmp_path, dataset, ckpt
   assert len(losses) == 2 and losses[1] < losses[0], err + err2
   assert sorted(os.listdir(out)) == ["checkpoint-000008", "checkpoint-000016"]
   final = os.path.join(out, "checkpoint-000016")
+  args = [f"--checkpoint={final}", f"--image={images[0]}", f"--image={images[1]}",
+          "--prompt=caption en", "--json", "--max_new_tokens=6"]
   outs = []
-  for module in ("paligemma_torch.inference", "paligemma_jax.inference"):
-    rc, stdout, err = run(module, f"--checkpoint={final}", f"--image={images[0]}",
-                          f"--image={images[1]}", "--prompt=caption en", "--json",
-                          "--max_new_tokens=6")
+  for rc, stdout, err in run_each([[m, *args] for m in ("paligemma_torch.inference",
+                                                        "paligemma_jax.inference")]):
     assert rc == 0, err
     outs.append([json.loads(l)["token_ids"] for l in stdout.splitlines()])
   assert outs[0] == outs[1]
