@@ -73,6 +73,8 @@ def shapes_examples(seed: int, size: int = 224, tasks=shapes.TASKS, max_shapes: 
     for q in shapes.questions(objs, size):
       if q[0] in tasks:
         by_task.setdefault(q[0], []).append(q)
+    if not by_task:  # e.g. only color questions, and every kind here twice
+      continue
     qs = list(by_task.values())[int(rng.integers(len(by_task)))]
     task, prefix, suffix = qs[int(rng.integers(len(qs)))]
     yield Example(image, prefix, suffix, task, tuple(objs), size)
