@@ -1,8 +1,6 @@
 """The converter binary: exact round trips, .npz twins, bad input."""
 
 import os
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
@@ -12,14 +10,12 @@ from convert import big_vision, hub, layout
 from paligemma import batch, image as image_lib
 from paligemma.tokenizer import Tokenizer
 from tests import helpers
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.binaries import run
 
 
 def convert(*args):
-  p = subprocess.run([sys.executable, "-m", "convert", *args], cwd=ROOT, capture_output=True,
-                     text=True, timeout=300)
-  return p.returncode, p.stderr
+  rc, _, err = run("convert", *args)
+  return rc, err
 
 
 @pytest.mark.parametrize("gemma2", [False, True])
@@ -71,11 +67,10 @@ def test_npz_twin_generates_the_same(tmp_path, ckpt2, images, module):
   outs = []
   for ck in (ckpt2, f"{tmp_path}/m.npz"):
     extra = [] if ck == ckpt2 else [f"--config={tmp_path}/config.json", f"--tokenizer={tmp_path}/tok.model"]
-    p = subprocess.run([sys.executable, "-m", module, f"--checkpoint={ck}", *extra,
-                        f"--image={images[0]}", "--prompt=caption en", "--prompt=detect cat",
-                        "--max_new_tokens=8", "--json"], cwd=ROOT, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    outs.append(p.stdout)
+    rc, out, err = run(module, f"--checkpoint={ck}", *extra, f"--image={images[0]}",
+                       "--prompt=caption en", "--prompt=detect cat", "--max_new_tokens=8", "--json")
+    assert rc == 0, err
+    outs.append(out)
   assert outs[0] == outs[1]
 
 

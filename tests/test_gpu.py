@@ -15,9 +15,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 
 def _logits(model, pixels, tokens, valid):
-  on = lambda a: torch.from_numpy(a).to(model.decoder.embed_tokens.weight.device)
+  device = model.decoder.embed_tokens.weight.device
+  on = lambda a: torch.from_numpy(a).to(device)
   B, T = tokens.shape
-  cache = gemma.Cache.zeros(model.cfg.text, B, T, torch.float32, on(valid).device)
+  cache = gemma.Cache.zeros(model.cfg.text, B, T, torch.float32, device)
   v = on(valid)
   with torch.no_grad():
     x = model.embed(on(pixels), on(tokens).long())
