@@ -61,14 +61,16 @@ def read_jsonl(path: str, on_error: str = "stop") -> list[Example]:
   return out
 
 
-def shapes_examples(seed: int, size: int = 224, tasks=shapes.TASKS, max_shapes: int = 3):
-  """An endless stream of shapes examples, one random question per scene:
-  a task drawn uniformly from `tasks` (among those the scene answers), then
-  one of its questions. Drawing questions uniformly instead made `detect`
-  (three per scene) 45% of the data and captions 15%."""
+def shapes_examples(seed: int, size: int = 224, tasks=shapes.TASKS, weights=(1, 1, 1)):
+  """An endless stream of shapes examples, one random question per scene of
+  1, 2 or 3 shapes (relative frequencies `weights`): a task drawn uniformly
+  from `tasks` (among those the scene answers), then one of its questions.
+  Drawing questions uniformly instead made `detect` (three per scene) 45% of
+  the data and captions 15%."""
   rng = np.random.default_rng(seed)
+  p = np.asarray(weights, np.float64) / np.sum(weights)
   while True:
-    image, objs = shapes.scene(rng, size, max_shapes)
+    image, objs = shapes.scene(rng, size, int(rng.choice(3, p=p)) + 1)
     by_task = {}
     for q in shapes.questions(objs, size):
       if q[0] in tasks:

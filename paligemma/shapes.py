@@ -31,13 +31,15 @@ def _overlaps(a, b) -> bool:
   return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def scene(rng: np.random.Generator, size: int = 224, max_shapes: int = 3):
-  """-> (RGB image, shapes left to right): 1 to max_shapes non-overlapping shapes."""
+def scene(rng: np.random.Generator, size: int = 224, n: int | None = None):
+  """-> (RGB image, shapes left to right): n non-overlapping shapes, or 1 to 3
+  drawn uniformly."""
   background = tuple(int(c) for c in rng.integers(200, 256, 3))
   image = Image.new("RGB", (size, size), background)
   draw = ImageDraw.Draw(image)
   shapes = []
-  n = int(rng.integers(1, max_shapes + 1))
+  if n is None:
+    n = int(rng.integers(1, 4))
   while len(shapes) < n:
     side = int(round(size * rng.uniform(0.2, 0.4)))
     x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, 2))

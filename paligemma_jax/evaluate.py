@@ -26,7 +26,7 @@ FLAGS = flags.FLAGS
 
 def evaluate_main():
   if FLAGS.examples < 1:
-      raise UserError("--examples must be at least 1")
+    raise UserError("--examples must be at least 1")
   (model, params), cfg, tok_path = load.load(FLAGS.checkpoint or cli.DEMO_DIR)
   tokenizer = Tokenizer(tok_path, cfg.image_token_index)
   if FLAGS.data:

@@ -28,7 +28,7 @@ from paligemma import data, evaluate, shapes
 from paligemma import errors
 from paligemma.errors import UserError
 from paligemma.tokenizer import Tokenizer
-from paligemma_jax import generate, load, xla_cache
+from paligemma_jax import generate, heap, load, xla_cache
 from paligemma_jax.loss import loss_fn
 from paligemma_jax.paligemma import PaliGemma
 
@@ -39,7 +39,9 @@ flags.DEFINE_enum("task", None, ["shapes"], "A built-in synthetic task instead o
 flags.DEFINE_integer("canvas", 224, "Image size of the shapes task.")
 flags.DEFINE_list("shapes_tasks", list(shapes.TASKS),
                   "The shapes questions trained on (evaluation asks them all).")
-flags.DEFINE_integer("shapes_max", 3, "Most shapes in a training scene, 1-3 (evaluation: 1-3).")
+flags.DEFINE_list("shapes_weights", ["1", "1", "1"],
+                  "Relative frequency of 1-, 2- and 3-shape training scenes (evaluation: "
+                  "uniform); 1,0,0 is single shapes only.")
 flags.DEFINE_enum("on_bad_line", "stop", ["stop", "skip"], "What a bad JSONL line does.")
 flags.DEFINE_string("checkpoint", None, "Starting point: Hub directory or .npz.")
 flags.DEFINE_string("init", None, "Train from scratch: 'demo' or a variant (paligemma-3b-224, ...).")
@@ -107,10 +109,21 @@ def validate_flags():
   if unknown or not FLAGS.shapes_tasks:
     raise UserError(f"--shapes_tasks: choose among {','.join(shapes.TASKS)}, got "
                     f"{','.join(FLAGS.shapes_tasks)}")
-  if not 1 <= FLAGS.shapes_max <= 3:
-    raise UserError(f"--shapes_max must be 1, 2 or 3, got {FLAGS.shapes_max}")
+  shapes_weights()
   if FLAGS.freeze_vision and FLAGS.train_only_attention:
     raise UserError("--freeze_vision and --train_only_attention exclude each other")
+
+
+def shapes_weights():
+  bad = UserError("--shapes_weights: three numbers >= 0, not all zero (1-, 2-, 3-shape "
+                  f"scenes), got {','.join(FLAGS.shapes_weights)}")
+  try:
+    w = [float(v) for v in FLAGS.shapes_weights]
+  except ValueError:
+    raise bad from None
+  if len(w) != 3 or min(w) < 0 or sum(w) <= 0 or not all(np.isfinite(w)):
+    raise bad
+  return w
 
 
 def latest_checkpoint(output: str):
@@ -163,7 +176,8 @@ def train():
     params = init_params(model, cfg, tokenizer)
 
   if FLAGS.task == "shapes":
-    stream = data.shapes_examples(FLAGS.seed, FLAGS.canvas, FLAGS.shapes_tasks, FLAGS.shapes_max)
+    stream = data.shapes_examples(FLAGS.seed, FLAGS.canvas, FLAGS.shapes_tasks,
+                                  shapes_weights())
     held_out = list(_take(data.shapes_examples(10**6 + FLAGS.seed, FLAGS.canvas), FLAGS.eval_examples))
   else:
     examples = data.read_jsonl(FLAGS.data, FLAGS.on_bad_line)
@@ -303,5 +317,6 @@ def _shuffled(examples, seed):
 
 
 if __name__ == "__main__":
+  heap.keep_freed_memory()
   xla_cache.persist_compilations()
   app.run(errors.main(train))

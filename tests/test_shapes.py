@@ -53,9 +53,12 @@ def test_training_stream_balances_tasks():
   seen = collections.Counter(ex.task for ex in itertools.islice(data.shapes_examples(0, 64), 800))
   assert set(seen) == set(shapes.TASKS)
   assert all(140 < seen[t] < 260 for t in shapes.TASKS), seen
-  some = list(itertools.islice(data.shapes_examples(0, 64, ("caption", "color"), max_shapes=1), 100))
+  some = list(itertools.islice(data.shapes_examples(0, 64, ("caption", "color"), (1, 0, 0)), 100))
   assert {ex.task for ex in some} == {"caption", "color"}
   assert {len(ex.objects) for ex in some} == {1}
+  sizes = collections.Counter(
+      len(ex.objects) for ex in itertools.islice(data.shapes_examples(0, 64, weights=(0, 1, 3)), 400))
+  assert sizes[1] == 0 and 2.2 < sizes[3] / sizes[2] < 4.2, sizes
 
 
 def test_parse_boxes_and_malformed():

@@ -92,7 +92,7 @@ def test_bad_flags(tmp_path, dataset, ckpt1):
       ([*base, "--lr=-1"], "--lr must be positive"),
       ([*base, "--resume"], "no checkpoint to resume"),
       ([*base, "--shapes_tasks=caption,colour"], "--shapes_tasks: choose among"),
-      ([*base, "--shapes_max=4"], "--shapes_max must be 1, 2 or 3"),
+      ([*base, "--shapes_weights=1,0"], "--shapes_weights: three numbers"),
       ([f"--output={tmp_path}/o", f"--checkpoint={ckpt1}"], "exactly one of --data and --task"),
       ([f"--output={tmp_path}/o", f"--data={train}", "--init=demo"], "--init needs --tokenizer"),
       ([f"--output={tmp_path}/o", f"--data={tmp_path}/none.jsonl", f"--checkpoint={ckpt1}"], "data file not found"),
