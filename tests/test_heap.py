@@ -5,6 +5,8 @@ at every call."""
 import subprocess
 import sys
 
+import pytest
+
 from tests.binaries import ROOT
 
 _PROGRAM = """
@@ -33,6 +35,7 @@ def _faults_per_call(mode):
   return float(p.stdout.split()[-1])
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_large_temporaries_are_reused():
   fresh, kept = _faults_per_call("default"), _faults_per_call("keep")
   assert fresh > 10_000, fresh  # 64 MB of 4 KiB pages, faulted in again each call
