@@ -11,8 +11,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run(module: str, *args: str, timeout: int = 600):
   """-> (exit status, stdout, stderr)."""
-  p = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
-                     text=True, timeout=timeout)
+  return _python(["-m", module, *args], timeout)
+
+
+def run_code(code: str, *args: str, timeout: int = 600):
+  """`python -c CODE ARGS...`, for what must happen before the imports (a
+  module blocked, the allocator set). -> (exit status, stdout, stderr)."""
+  return _python(["-c", code, *args], timeout)
+
+
+def _python(argv, timeout):
+  p = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+                     timeout=timeout)
   return p.returncode, p.stdout, p.stderr
 
 

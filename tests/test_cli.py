@@ -1,13 +1,10 @@
 """The inference binaries as a user runs them: output contract and bad input."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.binaries import ROOT, run, run_each
+from tests.binaries import run, run_code, run_each
 
 BINARIES = ["paligemma_torch.inference", "paligemma_jax.inference"]
 
@@ -72,10 +69,9 @@ def test_runs_without_the_other_framework(module, ckpt1, images):
           f"sys.argv = ['x', '--checkpoint={ckpt1}', '--image={images[0]}', '--prompt=caption en',"
           " '--max_new_tokens=3']\n"
           f"runpy.run_module({module!r}, run_name='__main__')\n")
-  p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                     timeout=300)
-  assert p.returncode == 0, p.stderr
-  assert len(p.stdout.splitlines()) == 1
+  rc, out, err = run_code(code, timeout=300)
+  assert rc == 0, err
+  assert len(out.splitlines()) == 1
 
 
 def test_demo_defaults_agree():

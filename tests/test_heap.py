@@ -2,12 +2,11 @@
 glibc's 32 MB mmap ceiling reuses them instead of faulting in fresh pages
 at every call."""
 
-import subprocess
 import sys
 
 import pytest
 
-from tests.binaries import ROOT
+from tests.binaries import run_code
 
 _PROGRAM = """
 import resource, sys
@@ -30,9 +29,9 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 
 
 def _faults_per_call(mode):
-  p = subprocess.run([sys.executable, "-c", _PROGRAM, mode], cwd=ROOT, capture_output=True,
-                     text=True, timeout=300, check=True)
-  return float(p.stdout.split()[-1])
+  rc, out, err = run_code(_PROGRAM, mode, timeout=300)
+  assert rc == 0, err
+  return float(out.split()[-1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")

@@ -4,6 +4,7 @@ result that loads in both binaries with identical greedy generations."""
 import json
 import os
 import re
+
 import numpy as np
 import pytest
 
