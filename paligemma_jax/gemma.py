@@ -75,15 +75,25 @@ def project(x, w, rows: bool):
   """x [B, T, D] through each matrix of w [*E, D, O] (rows: [*E, O, D])
   -> [*E, B, T, O].
 
-  One matmul batched over w's leading axes E, so that XLA reads the weights
-  in their stored layout: an einsum that contracts the middle axis of w (as
-  "BTD,NDH->BTNH" does) makes XLA's CPU backend transpose a copy of the
-  weights at every call, 5-20x slower when decoding one token."""
+  Inference (rows): one matmul batched over w's leading axes E, so that XLA
+  reads the weights in their stored layout: an einsum that contracts the
+  middle axis of w (as "BTD,NDH->BTNH" does) makes XLA's CPU backend
+  transpose a copy of the weights at every call, 5-20x slower when decoding
+  one token. Training: one 2-D matmul against the weights laid side by side,
+  [D, E * O]. Batched over E, the gradient of x was E matmuls contracting
+  only O (32 for a query head) and a sum over E, 4.7 GFLOP/s on XLA's CPU
+  backend; a training step is thousands of rows, so the per-call copy of
+  the weights costs nothing there."""
   E = w.shape[:-2]
-  w = w.reshape(-1, *w.shape[-2:])
   B, T, D = x.shape
+  if not rows:
+    O = w.shape[-1]
+    w2 = jnp.moveaxis(w.reshape(-1, D, O), 1, 0).reshape(D, -1)  # [D, E * O]
+    y = matmul("MD,DO->MO", x.reshape(B * T, D), w2).reshape(B, T, -1, O)
+    return jnp.moveaxis(y, 2, 0).reshape(*E, B, T, O)
+  w = w.reshape(-1, *w.shape[-2:])
   x = jnp.broadcast_to(x.reshape(1, B * T, D), (w.shape[0], B * T, D))
-  y = matmul("EMD,EOD->EMO" if rows else "EMD,EDO->EMO", x, w)
+  y = matmul("EMD,EOD->EMO", x, w)
   return y.reshape(*E, B, T, -1)
 
 
@@ -194,11 +204,13 @@ class Gemma(nn.Module):
   def embed(self, tokens):
     return self.embedder.encode(tokens)
 
-  def __call__(self, x, positions, masks, cache, start, last_only=False):
+  def __call__(self, x, positions, masks, cache, start, last=None):
     """x [B, T, D] at positions [B, T]; masks (full, sliding) [B, T, S];
     cache (k, v) [L, B, S, K, H]. -> (logits [B, T, V], new cache); with
-    last_only, logits [B, 1, V] of the last position (all a prefill samples
-    from: the head is a 2-D x V matmul per position)."""
+    `last`, the logits of the last `last` positions only, [B, last, V]: a
+    prefill samples from one, a training loss needs those of the text (the
+    head is a D x V matmul per position).
+    """
     c = self.cfg
     rope = rope_tables(positions, c.head_dim, c.rope_theta, x.dtype)
     if self.scan:
@@ -210,8 +222,8 @@ class Gemma(nn.Module):
         x, (k, v) = layer(x, ks[i], vs[i], c.is_sliding(i), rope, masks, start)
         ks, vs = ks.at[i].set(k), vs.at[i].set(v)
       cache = (ks, vs)
-    if last_only:
-      x = x[:, -1:]
+    if last is not None:
+      x = x[:, -last:]
     logits = self.embedder.decode(self.final_norm(x))
     if c.final_logit_softcapping is not None:
       logits = jnp.tanh(logits / c.final_logit_softcapping) * c.final_logit_softcapping

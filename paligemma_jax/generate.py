@@ -64,7 +64,7 @@ class Generator:
     variables = {"params": params}
     x = self.model.apply(variables, pixels, tokens, method=PaliGemma.embed)
     logits, cache = self.model.apply(variables, x, positions, valid_s, valid_s, cache, 0,
-                                     last_only=True)
+                                     last=1)
     rng = jax.random.PRNGKey(seed)
     token = sampling.sample(logits[:, -1], sp, jax.random.fold_in(rng, 0))
     tokens_out = jnp.full((B, steps_room), c.pad_token_id, jnp.int32).at[:, 0].set(token)

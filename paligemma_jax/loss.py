@@ -20,13 +20,16 @@ def loss_fn(model: PaliGemma, params, b):
   positions = jnp.maximum(jnp.cumsum(b["valid"], axis=1) - 1, 0)
   variables = {"params": params}
   x = model.apply(variables, b["pixels"], b["tokens"], method=PaliGemma.embed)
-  logits, _ = model.apply(variables, x, positions, b["valid"], b["prefix"], cache, 0)
+  # Sequences are left-padded, so every answer lies in the last T - (image
+  # tokens) positions: the head (a D x V matmul per position) runs on those.
+  text = T - model.cfg.num_image_tokens
+  logits, _ = model.apply(variables, x, positions, b["valid"], b["prefix"], cache, 0, text)
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  w = b["loss"][:, :-1].astype(jnp.float32)
+  w = b["loss"][:, -text:-1].astype(jnp.float32)
   # Only answer tokens are looked up: the others include <image>, which has
   # no logit (big_vision's vocabulary), and an out-of-range gather is NaN
   # outside jit (clamped inside), and NaN * 0 is NaN.
-  targets = jnp.where(w > 0, b["tokens"][:, 1:], 0)
+  targets = jnp.where(w > 0, b["tokens"][:, -text + 1:], 0)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   per_example = jnp.sum(nll * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
   return jnp.mean(per_example)

@@ -73,9 +73,9 @@ class PaliGemma(nn.Module):
     image = jnp.take_along_axis(image, which[..., None], axis=1)
     return jnp.where(is_image[..., None], image, x)
 
-  def __call__(self, x, positions, valid, prefix, cache, start=0, last_only=False):
+  def __call__(self, x, positions, valid, prefix, cache, start=0, last=None):
     """Runs embeddings x [B, T, D] at cache slots [start, start+T).
-    -> (logits [B, T, V] or, last_only, [B, 1, V], new cache)."""
+    -> (logits [B, T, V], or of the last `last` positions, new cache)."""
     masks = attention_masks(valid, prefix, start, x.shape[1], self.cfg.text.sliding_window)
     with exact(x.dtype):
-      return self.llm(x, positions, masks, cache, start, last_only)
+      return self.llm(x, positions, masks, cache, start, last)

@@ -85,6 +85,36 @@ def test_loss_weighs_each_example_equally(ckpt1):
   np.testing.assert_allclose(both, (a + b) / 2, rtol=1e-5)
 
 
+def test_loss_is_cross_entropy_of_the_answer(ckpt1):
+  """The loss runs the output head on the text positions only; it must equal
+  the cross-entropy of each answer token (and <eos>) under the full logits,
+  with answers of different lengths left-padded in one batch."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from paligemma_jax import load, loss  # pylint: disable=import-outside-toplevel
+  from paligemma.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  (model, params), cfg, tok_path = load.load(ckpt1, scan=True)
+  tok = Tokenizer(tok_path, cfg.image_token_index)
+  exs = [data.Example(Image.new("RGB", (8, 8), (200, 30, 30)), "answer en count", "2"),
+         data.Example(Image.new("RGB", (8, 8), (30, 30, 200)), "caption en",
+                      "a red circle, a blue square and a yellow triangle")]
+  b = vars(data.make_batch(tok, cfg, exs, 64))
+  B, T = b["tokens"].shape
+  c = cfg.text
+  cache = [np.zeros((c.num_hidden_layers, B, T, c.num_key_value_heads, c.head_dim), np.float32)] * 2
+  variables = {"params": params}
+  x = model.apply(variables, b["pixels"], b["tokens"], method=type(model).embed)
+  positions = np.maximum(np.cumsum(b["valid"], axis=1) - 1, 0)
+  logits, _ = model.apply(variables, x, positions, b["valid"], b["prefix"], tuple(cache))
+  logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+  want = []
+  for i, ex in enumerate(exs):
+    answer = tok.encode(ex.suffix) + [tok.eos_id]
+    last = T - 1 - len(answer)  # the prompt's "\n": it predicts the answer's first token
+    want.append(-np.mean([logp[i, last + j, t] for j, t in enumerate(answer)]))
+  np.testing.assert_allclose(float(loss.loss_fn(model, params, b)), np.mean(want), rtol=1e-5)
+
+
 def test_bad_flags(tmp_path, dataset, ckpt1):
   train, _ = dataset
   base = [f"--output={tmp_path}/o", f"--data={train}", f"--checkpoint={ckpt1}"]
