@@ -96,6 +96,13 @@ def bytes_per_step(cfg, itemsize: int, B: int, cache_len: int) -> dict:
 
 
 def main():
+  try:
+    sizes = [int(b) for b in FLAGS.batch_sizes]
+  except ValueError:
+    sizes = []
+  if not sizes or min(sizes) < 1 or 1 not in sizes:
+    raise UserError("--batch_sizes: positive integers, 1 among them (prefill is timed at batch 1), "
+                    f"got {','.join(FLAGS.batch_sizes)}")
   cfg = config_lib.load(FLAGS.checkpoint)
   itemsize = 4 if FLAGS.dtype == "float32" else 2
   gib = FLAGS.bandwidth_gib

@@ -45,3 +45,10 @@ def test_benchmark_command(tmp_path, ckpt1):
   for row in impls.values():
     assert row["decode_tok_s_b1"] > 0 and row["load_peak_rss_gb"] > 0
   assert "roofline b1" in p.stdout
+
+
+def test_benchmark_rejects_batch_sizes_without_one(ckpt1):
+  p = subprocess.run([sys.executable, "-m", "benchmarks.decode", f"--checkpoint={ckpt1}",
+                      "--batch_sizes=8"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+  assert p.stderr.strip().splitlines()[-1].startswith("error: --batch_sizes: positive integers"), p.stderr
