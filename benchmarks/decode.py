@@ -133,7 +133,7 @@ def main():
             "bandwidth_by_way_gb_s": by_way,
             "machine": f"{os.cpu_count()} cores", "device": FLAGS.device, "rows": rows,
             "roofline": {}}
-  for B in map(int, FLAGS.batch_sizes):
+  for B in sizes:
     b = bytes_per_step(cfg, itemsize, B, prompt_len + FLAGS.new_tokens // 2)
     step_bytes = b["weights"] + b["kv_cache"]
     result["roofline"][f"b{B}"] = dict(b, tok_s=B * bw * 1e9 / step_bytes)

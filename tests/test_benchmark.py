@@ -1,16 +1,12 @@
 """Random real-layout checkpoints and the benchmark command, at toy size."""
 
 import json
-import os
-import subprocess
-import sys
 
 import sentencepiece
 
 from convert import big_vision, hub, random_checkpoint
 from paligemma.tokenizer import Tokenizer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.binaries import run
 
 
 def test_full_vocab_tokenizer():
@@ -32,23 +28,21 @@ def test_random_demo_checkpoint_loads(tmp_path):
 
 def test_benchmark_command(tmp_path, ckpt1):
   out = tmp_path / "b.json"
-  p = subprocess.run([sys.executable, "-m", "benchmarks.decode", f"--checkpoint={ckpt1}",
-                      "--new_tokens=4", "--repeats=1", "--batch_sizes=1,2", "--bandwidth_gib=0.25",
-                      f"--json={out}"],
-                     cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert p.returncode == 0, p.stderr
+  rc, stdout, stderr = run("benchmarks.decode", f"--checkpoint={ckpt1}", "--new_tokens=4",
+                           "--repeats=1", "--batch_sizes=1,2", "--bandwidth_gib=0.25",
+                           f"--json={out}")
+  assert rc == 0, stderr
   r = json.loads(out.read_text())
   assert r["bandwidth_gb_s"] > 0 and set(r["roofline"]) == {"b1", "b2"}
   impls = {row["impl"]: row for row in r["rows"]}
-  assert set(impls) == {"jax", "torch", "transformers"}, p.stderr
+  assert set(impls) == {"jax", "torch", "transformers"}, stderr
   assert impls["jax"]["recompiles_for_new_prompt_and_length"] == 0
   for row in impls.values():
     assert row["decode_tok_s_b1"] > 0 and row["load_peak_rss_gb"] > 0
-  assert "roofline b1" in p.stdout
+  assert "roofline b1" in stdout
 
 
 def test_benchmark_rejects_batch_sizes_without_one(ckpt1):
-  p = subprocess.run([sys.executable, "-m", "benchmarks.decode", f"--checkpoint={ckpt1}",
-                      "--batch_sizes=8"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
-  assert p.stderr.strip().splitlines()[-1].startswith("error: --batch_sizes: positive integers"), p.stderr
+  rc, _, err = run("benchmarks.decode", f"--checkpoint={ckpt1}", "--batch_sizes=8", timeout=120)
+  assert rc == 1 and "Traceback" not in err, err
+  assert err.strip().splitlines()[-1].startswith("error: --batch_sizes: positive integers"), err
