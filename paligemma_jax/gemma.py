@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from paligemma.config import TextConfig
+from paligemma_jax import decode_kernel
 
 _init = nn.initializers.normal(0.02)
 
@@ -71,6 +72,16 @@ def matmul(eqn, x, w):
   return jnp.einsum(eqn, x, w)
 
 
+def by_rows(x, w):
+  """x [B, T, D] times each row of w [O, D] -> [B, T, O] in x's dtype: the
+  inference layout's product. A decode step's few rows take the CPU kernel
+  (paligemma_jax/decode_kernel.py)."""
+  B, T, D = x.shape
+  if decode_kernel.applies(B * T, w):
+    return decode_kernel.product(x.reshape(B * T, D), w).reshape(B, T, -1).astype(x.dtype)
+  return matmul("BTD,OD->BTO", x, w)
+
+
 def project(x, w, rows: bool):
   """x [B, T, D] through each matrix of w [*E, D, O] (rows: [*E, O, D])
   -> [*E, B, T, O].
@@ -79,7 +90,8 @@ def project(x, w, rows: bool):
   reads the weights in their stored layout: an einsum that contracts the
   middle axis of w (as "BTD,NDH->BTNH" does) makes XLA's CPU backend
   transpose a copy of the weights at every call, 5-20x slower when decoding
-  one token. Training: one 2-D matmul against the weights laid side by side,
+  one token; a decode step's few rows on the CPU take our kernel instead
+  (by_rows, over the matrices' rows end to end). Training: one 2-D matmul against the weights laid side by side,
   [D, E * O]. Batched over E, the gradient of x was E matmuls contracting
   only O (32 for a query head) and a sum over E, 4.7 GFLOP/s on XLA's CPU
   backend; a training step is thousands of rows, so the per-call copy of
@@ -90,6 +102,10 @@ def project(x, w, rows: bool):
     O = w.shape[-1]
     w2 = jnp.moveaxis(w.reshape(-1, D, O), 1, 0).reshape(D, -1)  # [D, E * O]
     y = matmul("MD,DO->MO", x.reshape(B * T, D), w2).reshape(B, T, -1, O)
+    return jnp.moveaxis(y, 2, 0).reshape(*E, B, T, O)
+  O = w.shape[-2]
+  if decode_kernel.applies(B * T, w.reshape(-1, D)):  # the matrices' rows end to end
+    y = by_rows(x, w.reshape(-1, D)).reshape(B, T, -1, O)
     return jnp.moveaxis(y, 2, 0).reshape(*E, B, T, O)
   w = w.reshape(-1, *w.shape[-2:])
   x = jnp.broadcast_to(x.reshape(1, B * T, D), (w.shape[0], B * T, D))
@@ -140,7 +156,7 @@ class Attention(nn.Module):
     # XLA transpose it).
     w = Einsum((N, H, D), self.rows, name="attn_vec_einsum")()
     if self.rows:
-      out = matmul("BTO,DO->BTD", out, w.reshape(D, N * H))
+      out = by_rows(out, w.reshape(D, N * H))
     else:
       out = matmul("BTO,OD->BTD", out, w.reshape(N * H, D))
     return out, cache_k, cache_v
@@ -158,7 +174,7 @@ class MLP(nn.Module):
     gate_up = project(x, gating, self.rows)  # [2, B, T, F]
     h = jax.nn.gelu(gate_up[0], approximate=True) * gate_up[1]
     linear = weight(self, "mlp/linear", (F, D), self.rows)
-    return matmul("BTF,DF->BTD" if self.rows else "BTF,FD->BTD", h, linear)
+    return by_rows(h, linear) if self.rows else matmul("BTF,FD->BTD", h, linear)
 
 
 class DecoderLayer(nn.Module):
@@ -202,7 +218,7 @@ class Gemma(nn.Module):
     self.final_norm = RMSNorm(c.rms_norm_eps)
 
   def embed(self, tokens):
-    return self.embedder.encode(tokens)
+    return self.embedder.encode(tokens, rows=not self.scan)
 
   def __call__(self, x, positions, masks, cache, start, last=None):
     """x [B, T, D] at positions [B, T]; masks (full, sliding) [B, T, S];
@@ -224,7 +240,7 @@ class Gemma(nn.Module):
       cache = (ks, vs)
     if last is not None:
       x = x[:, -last:]
-    logits = self.embedder.decode(self.final_norm(x))
+    logits = self.embedder.decode(self.final_norm(x), rows=not self.scan)
     if c.final_logit_softcapping is not None:
       logits = jnp.tanh(logits / c.final_logit_softcapping) * c.final_logit_softcapping
     return logits, cache
@@ -237,9 +253,13 @@ class Embedder(nn.Module):
   def setup(self):
     self.input_embedding = self.param("input_embedding", _init, (self.vocab, self.dim))
 
-  def encode(self, tokens):  # [B, T] -> [B, T, D], times sqrt(D) in the weights' dtype
-    x = self.input_embedding[tokens]
+  def encode(self, tokens, rows: bool):  # [B, T] -> [B, T, D], times sqrt(D) in the weights' dtype
+    e = self.input_embedding
+    # The inference layout only: the kernel has no gradient.
+    x = decode_kernel.gather(e, tokens) if rows and decode_kernel.gathers(e) else e[tokens]
     return x * jnp.asarray(self.dim**0.5, x.dtype)
 
-  def decode(self, h):  # [B, T, D] -> [B, T, V]: the tied output head
+  def decode(self, h, rows: bool):  # [B, T, D] -> [B, T, V]: the tied output head
+    if rows:  # the inference layout: may take the CPU kernel, which has no gradient
+      return by_rows(h, self.input_embedding)
     return matmul("BTD,VD->BTV", h, self.input_embedding)

@@ -1,0 +1,243 @@
+// y[M, R] = x[M, D] times each row of w[R, D]: a decode step's products on
+// x86 CPUs with AVX2 and FMA, for a handful of rows M (the batch).
+//
+// Why not XLA's dot: at 8 rows its CPU GEMM reads float32 weights at about
+// half the speed of its one-row product, and it has no fast bfloat16 dot
+// at all (bf16 weights stream at under 1 GB/s). Here each weight row is
+// read once for all M rows (in passes of 8), and bf16 weights are widened
+// to float32 in registers, so a bf16 decode step moves half the bytes of a
+// float32 one (BUILD.md, "The CPU decode kernel", has the figures).
+//
+// Built by paligemma_jax/decode_kernel.py the first time it is needed.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// One step of a block: kStep weights of a row, as float32 vectors of 8.
+// bf16 weights come 16 at a time in one load: a bf16 is the top half of a
+// float32, so the odd ones are a mask away and the even ones a shift
+// (x is packed to match: each 16 columns as their 8 even, then 8 odd).
+template <typename W>
+constexpr int64_t kStep = 32 / sizeof(W);
+
+inline void Widen(const float* p, __m256* v) { v[0] = _mm256_loadu_ps(p); }
+inline void Widen(const uint16_t* p, __m256* v) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  v[0] = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+  v[1] = _mm256_castsi256_ps(_mm256_and_si256(h, _mm256_set1_epi32(0xffff0000)));
+}
+
+// Where column k of a step's kStep columns goes in packed x.
+inline int64_t Packed(const float*, int64_t k) { return k; }
+inline int64_t Packed(const uint16_t*, int64_t k) { return k % 2 * 8 + k / 2; }
+
+inline float Widen(float v) { return v; }
+inline float Widen(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float Sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Columns [d0, d1) of MB rows of x against RB rows of w, added into y:
+// MB * RB accumulators in registers, so each load of x serves RB rows of w
+// and each load of w serves MB rows of x. xp is x packed for this pass.
+template <int MB, int RB, typename W>
+__attribute__((noinline))  // inlined, GCC kept the accumulators on the stack
+void Block(const float* x, const float* xp, const W* w, int64_t D, int64_t d0, int64_t d1,
+           float* y, int64_t ldy) {
+  __m256 acc[MB][RB];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < RB; ++r) acc[m][r] = _mm256_setzero_ps();
+  constexpr int64_t kStep = ::kStep<W>, kVecs = kStep / 8;
+  auto step = [&](int64_t d) {
+    __m256 wv[RB][kVecs];
+    for (int r = 0; r < RB; ++r) Widen(w + r * D + d, wv[r]);
+    for (int m = 0; m < MB; ++m) {
+      for (int v = 0; v < kVecs; ++v) {
+        __m256 xv = _mm256_load_ps(xp + d * MB + m * kStep + v * 8);
+        for (int r = 0; r < RB; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r][v], acc[m][r]);
+      }
+    }
+  };
+  // A block reads RB rows in parallel, each a few pages at most, which the
+  // hardware prefetcher (it stops at page ends) half misses: each cache
+  // line of these rows also fetches the same line of the next block's rows.
+  constexpr int64_t kLine = 64 / sizeof(W);  // weights in a cache line
+  int64_t d = d0;
+  for (; d + kLine <= d1; d += kLine) {
+    for (int r = 0; r < RB; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(w + (RB + r) * D + d), _MM_HINT_T0);
+    for (int64_t e = d; e < d + kLine; e += kStep) step(e);
+  }
+  for (; d + kStep <= d1; d += kStep) step(d);
+  for (int m = 0; m < MB; ++m) {
+    for (int r = 0; r < RB; ++r) {
+      float s = Sum(acc[m][r]);
+      for (int64_t t = d; t < d1; ++t) s += x[m * D + t] * Widen(w[r * D + t]);
+      y[m * ldy + r] += s;
+    }
+  }
+}
+
+// The passes over x's rows: 8 at a time, then 4, 2, 1.
+inline int64_t PassRows(int64_t left) { return left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
+
+// x [M, D] -> xp: each pass's rows packed as [D / kStep, rows, kStep],
+// for aligned loads in order (x's own rows, D floats apart, fall in the
+// same L1 set), each step's columns in the order Widen gives the weights.
+template <typename W>
+void Pack(const float* x, int64_t M, int64_t D, float* xp) {
+  constexpr int64_t kStep = ::kStep<W>;
+  for (int64_t m0 = 0; m0 < M;) {
+    const int64_t mb = PassRows(M - m0);
+    for (int64_t d = 0; d + kStep <= D; d += kStep)
+      for (int64_t m = 0; m < mb; ++m)
+        for (int64_t k = 0; k < kStep; ++k)
+          xp[m0 * D + d * mb + m * kStep + Packed(static_cast<const W*>(nullptr), k)] =
+              x[(m0 + m) * D + d + k];
+    m0 += mb;
+  }
+}
+
+// Rows [r0, r1) of w against MB rows of x, RB rows of w at a time, in
+// tiles of 16 KB of packed x (a tile stays in L1 while it meets every row).
+template <int MB, int RB, typename W>
+void Pass(const float* x, const float* xp, const W* w, int64_t D, int64_t r0, int64_t r1,
+          float* y, int64_t ldy) {
+  constexpr int64_t kTile = (16 << 10) / (MB * 4);
+  for (int64_t m = 0; m < MB; ++m) std::fill(y + m * ldy + r0, y + m * ldy + r1, 0.0f);
+  for (int64_t d0 = 0; d0 < D; d0 += kTile) {
+    const int64_t d1 = D - d0 <= kTile ? D : d0 + kTile;  // the last tile takes the tail
+    int64_t r = r0;
+    for (; r + RB <= r1; r += RB) Block<MB, RB>(x, xp, w + r * D, D, d0, d1, y + r, ldy);
+    for (; r < r1; ++r) Block<MB, 1>(x, xp, w + r * D, D, d0, d1, y + r, ldy);
+  }
+}
+
+// Rows [r0, r1) of w against all M rows of x.
+template <typename W>
+void Rows(const float* x, const float* xp, const W* w, int64_t M, int64_t D, int64_t R,
+          int64_t r0, int64_t r1, float* y) {
+  for (int64_t m = 0; m < M; m += PassRows(M - m)) {
+    const float *xm = x + m * D, *xpm = xp + m * D;
+    float* ym = y + m * R;
+    switch (PassRows(M - m)) {
+      case 8: Pass<8, 1>(xm, xpm, w, D, r0, r1, ym, R); break;
+      case 4: Pass<4, 2>(xm, xpm, w, D, r0, r1, ym, R); break;
+      case 2: Pass<2, 4>(xm, xpm, w, D, r0, r1, ym, R); break;
+      default: Pass<1, 4>(xm, xpm, w, D, r0, r1, ym, R);
+    }
+  }
+}
+
+// w's rows in chunks of ~64 KB (a second pass over x's rows, M > 8, finds
+// its chunk in cache; the next chunk is what a pass prefetches), the
+// chunks in a few contiguous shares per thread of XLA's intra-op pool.
+// The caller takes every share nobody has started, so it never waits on a
+// task that has not begun (XLA may run two of these calls at once, each on
+// a pool thread).
+template <typename W>
+ffi::Error Product(ffi::ThreadPool pool, const float* x, const W* w, int64_t M, int64_t D,
+                   int64_t R, float* y) {
+  // Aligned: a load that straddles two cache lines costs two (std::vector's
+  // memory is only 16-byte aligned). Outlives the work: this call waits.
+  std::unique_ptr<float, decltype(&std::free)> packed(
+      static_cast<float*>(std::aligned_alloc(64, (M * D * 4 + 63) / 64 * 64)), &std::free);
+  if (!packed) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "rows: out of memory");
+  Pack<W>(x, M, D, packed.get());
+  const float* xp = packed.get();
+  const int64_t row_bytes = D * int64_t{sizeof(W)};
+  const int64_t chunk = std::max<int64_t>(1, (64 << 10) / row_bytes);
+  const int64_t chunks = (R + chunk - 1) / chunk;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  struct Job {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto job = std::make_shared<Job>();
+  const int64_t shares = std::min(chunks, 4 * threads);
+  auto work = [=]() {
+    for (int64_t s; (s = job->next.fetch_add(1)) < shares;) {
+      const int64_t c1 = (s + 1) * chunks / shares, end = std::min(R, c1 * chunk);
+      for (int64_t c = s * chunks / shares; c < c1; ++c) {
+        const int64_t r0 = c * chunk, r1 = std::min(end, r0 + chunk);
+        Rows(x, xp, w, M, D, R, r0, r1, y);
+      }
+      job->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < std::min(threads, shares); ++t) pool.Schedule(decltype(work)(work));
+  work();
+  while (job->done.load(std::memory_order_acquire) < shares) _mm_pause();
+  return ffi::Error::Success();
+}
+
+template <ffi::DataType T>
+ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
+                ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
+    return ffi::Error::InvalidArgument("rows: want x [M, D] and w [R, D]");
+  using W = std::conditional_t<T == ffi::DataType::F32, float, uint16_t>;
+  return Product(pool, x.typed_data(), reinterpret_cast<const W*>(w.untyped_data()), xd[0],
+                 xd[1], wd[0], y->typed_data());
+}
+
+// out[n] = table[ids[n]] for a bf16 table (as any 2-byte type), ids
+// clamped to the table as XLA's gather does. XLA's CPU backend widens a
+// bf16 table to gather from it, and in a decode loop hoists that widening
+// out as loop-invariant: 2 GB written per generate call at 3B.
+ffi::Error GatherImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids,
+                      ffi::Result<ffi::AnyBuffer> out) {
+  auto td = table.dimensions();
+  if (td.size() != 2 || ffi::ByteWidth(table.element_type()) != 2)
+    return ffi::Error::InvalidArgument("gather: want a 2-byte table [V, D]");
+  const int64_t V = td[0], D = td[1], n = ids.element_count();
+  const auto* src = static_cast<const uint16_t*>(table.untyped_data());
+  auto* dst = static_cast<uint16_t*>(out->untyped_data());
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t id = std::clamp<int64_t>(ids.typed_data()[i], 0, V - 1);
+    std::copy(src + id * D, src + (id + 1) * D, dst + i * D);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gather16, GatherImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsF32, Impl<ffi::F32>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsBF16, Impl<ffi::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

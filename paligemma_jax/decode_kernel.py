@@ -1,0 +1,108 @@
+"""The decode step's products (and bf16 embedding lookups) on x86 CPUs, by
+a kernel of our own.
+
+A decode step multiplies a few rows of activations (the batch) by every
+decoder matrix, held as rows [R, D]. XLA's CPU backend does that well for
+one float32 row, but reads the weights at half speed for 8 rows (its small
+GEMM), and has no fast bfloat16 dot at all (BUILD.md has the figures).
+`decode_kernel.cc` reads each weight row once for all the rows of x and
+widens bf16 in registers; it runs on XLA's own threads, as an FFI custom
+call. It is compiled on first use with the machine's C++ compiler into
+~/.cache/paligemma/kernels (PALIGEMMA_KERNEL_CACHE overrides), and where it
+cannot be (no compiler, no AVX2 and FMA, not x86) XLA's dot is used and a
+warning says why. PALIGEMMA_CPU_KERNEL=0 turns it off (to compare).
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import subprocess
+import tempfile
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+
+_SOURCE = pathlib.Path(__file__).with_name("decode_kernel.cc")
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC"]
+MAX_ROWS = 16  # of x; beyond, XLA's GEMM (prefill) is the faster
+
+
+def _cpu_has_avx2_fma() -> bool:
+  try:
+    flags = pathlib.Path("/proc/cpuinfo").read_text().split()
+  except OSError:
+    return False
+  return "avx2" in flags and "fma" in flags
+
+
+def _build() -> pathlib.Path:
+  """The kernel's shared library, compiled once per source and jaxlib."""
+  include = jax.ffi.include_dir()
+  key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS + [include, jax.__version__]).encode())
+  cache = pathlib.Path(os.environ.get("PALIGEMMA_KERNEL_CACHE",
+                                      os.path.expanduser("~/.cache/paligemma/kernels")))
+  lib = cache / f"decode_{key.hexdigest()[:16]}.so"
+  if not lib.exists():
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # then renamed: no half-written library
+      out = pathlib.Path(tmp) / lib.name
+      subprocess.run([os.environ.get("CXX", "c++"), *_FLAGS, "-w", f"-I{include}", str(_SOURCE),
+                      "-o", str(out)], check=True, capture_output=True, text=True)
+      os.replace(out, lib)
+  return lib
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the kernel is built and registered with XLA (once a process)."""
+  if os.environ.get("PALIGEMMA_CPU_KERNEL", "1") == "0":
+    return False
+  if platform.machine().lower() not in ("x86_64", "amd64") or not _cpu_has_avx2_fma():
+    logging.warning("paligemma: no AVX2/FMA on this CPU; decode products use XLA's dot")
+    return False
+  try:
+    lib = ctypes.cdll.LoadLibrary(str(_build()))
+  except (OSError, subprocess.CalledProcessError) as e:
+    why = getattr(e, "stderr", None) or str(e)
+    logging.warning("paligemma: CPU decode kernel not built (%s); decode products use XLA's dot",
+                    why.strip().splitlines()[-1] if why.strip() else type(e).__name__)
+    return False
+  for name, fn in (("paligemma_rows_f32", lib.RowsF32), ("paligemma_rows_bf16", lib.RowsBF16),
+                   ("paligemma_gather16", lib.Gather16)):
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
+  return True
+
+
+def applies(m: int, w) -> bool:
+  """Whether m rows of x times w take the kernel: on the CPU, for a decode
+  step's few rows; a single float32 row stays with XLA's matrix-vector
+  product, as fast (within 3%, BUILD.md)."""
+  if jax.default_backend() != "cpu" or m > MAX_ROWS or w.ndim != 2:
+    return False
+  if w.dtype == jnp.float32 and m == 1 or w.dtype not in (jnp.float32, jnp.bfloat16):
+    return False
+  return available()
+
+
+def gathers(table) -> bool:
+  """Whether rows of this bf16 table are gathered by the kernel (on the CPU,
+  where XLA would widen the whole table first)."""
+  return jax.default_backend() == "cpu" and table.dtype == jnp.bfloat16 and available()
+
+
+def gather(table, ids):
+  """table [V, D] bf16, ids [...] int -> [..., D]: table[ids], ids clamped."""
+  out = jax.ShapeDtypeStruct((*ids.shape, table.shape[1]), table.dtype)
+  return jax.ffi.ffi_call("paligemma_gather16", out)(table, ids.astype(jnp.int32))
+
+
+def product(x, w):
+  """x [M, D] times each row of w [R, D] (float32 or bfloat16) -> [M, R]
+  float32, accumulated in float32. Only where `applies`."""
+  name = "paligemma_rows_bf16" if w.dtype == jnp.bfloat16 else "paligemma_rows_f32"
+  out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
+  return jax.ffi.ffi_call(name, out)(x.astype(jnp.float32), w)

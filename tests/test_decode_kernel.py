@@ -1,0 +1,112 @@
+"""The CPU decode kernel (paligemma_jax/decode_kernel.cc): builds here,
+multiplies exactly (float32 accumulation, any shape: tails of D, of the
+rows of x and w, several tiles and threads), gathers bf16 rows exactly, is
+what a compiled decode step calls, and leaves greedy generations unchanged."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from paligemma import batch, cli, image as image_lib
+from paligemma.tokenizer import Tokenizer
+from paligemma_jax import decode_kernel, generate, load
+from paligemma_jax.paligemma import PaliGemma
+
+pytestmark = pytest.mark.skipif(
+    not decode_kernel._cpu_has_avx2_fma() or jax.default_backend() != "cpu",  # pylint: disable=protected-access
+    reason="the kernel is for x86 CPUs with AVX2 and FMA")
+
+
+def test_builds_and_registers():
+  # A machine that can build it must: a broken build would otherwise only
+  # show as slower decoding (the fallback is XLA's dot).
+  assert decode_kernel.available()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("m,r,d", [(1, 37, 24), (1, 5, 4100), (2, 9, 1003), (3, 2000, 256),
+                                   (5, 7, 2048), (8, 13, 1003), (11, 3, 520), (16, 70, 96)])
+def test_product_matches_float64(dtype, m, r, d):
+  rng = np.random.default_rng(m * 1000 + d)
+  x = rng.standard_normal((m, d)).astype(np.float32)
+  w = rng.standard_normal((r, d)).astype(np.float32).astype(ml_dtypes.bfloat16 if dtype == "bfloat16"
+                                                             else np.float32)
+  got = np.asarray(jax.jit(decode_kernel.product)(jnp.asarray(x), jnp.asarray(w)))
+  w64 = w.astype(np.float64)
+  want = x.astype(np.float64) @ w64.T
+  # float32 accumulation of d products: a few ulps of the sum of magnitudes.
+  bound = 4 * np.finfo(np.float32).eps * np.sqrt(d) * (np.abs(x) @ np.abs(w64).T)
+  assert got.shape == (m, r) and got.dtype == np.float32
+  assert (np.abs(got - want) <= bound).all(), np.abs(got - want).max()
+
+
+def test_gather_is_indexing():
+  table = jnp.asarray(np.random.default_rng(0).standard_normal((50, 24)), jnp.bfloat16)
+  ids = jnp.asarray([[3, 0, 49], [7, 7, 12]])
+  np.testing.assert_array_equal(np.asarray(jax.jit(decode_kernel.gather)(table, ids)),
+                                np.asarray(table[ids]))
+
+
+@pytest.fixture(scope="module")
+def demo():
+  models = {dtype: load.load(cli.DEMO_DIR, dtype=dtype)[0] for dtype in ("float32", "bfloat16")}
+  _, cfg, tok_path = load.load(cli.DEMO_DIR)
+  tok = Tokenizer(tok_path, cfg.image_token_index)
+  pixels = image_lib.preprocess(image_lib.load(cli.DEMO_IMAGE), cfg.vision.image_size)
+  prompts = ["caption en", "answer en how many shapes are there", "detect square"]
+  tokens, valid = batch.left_pad([tok.prefix(p, cfg.num_image_tokens) for p in prompts], tok.pad_id)
+  return models, np.stack([pixels] * len(prompts)), tokens, valid
+
+
+@pytest.mark.parametrize("dtype,rows,calls", [("float32", 1, False), ("float32", 3, True),
+                                              ("bfloat16", 1, True), ("bfloat16", 3, True)])
+def test_decode_step_calls_the_kernel(demo, dtype, rows, calls):
+  models, pixels, tokens, valid = demo
+  gen = generate.Generator(*models[dtype])
+  args = gen.pad_to_bucket(tokens[:rows], valid[:rows])
+  state = jax.eval_shape(lambda: gen._prefill_fn(  # pylint: disable=protected-access
+      gen.params, pixels[:rows], *args, 64, generate.sampling.Params.make(), np.uint32(0)))
+  hlo = gen._decode.lower(gen.params, state, np.int32(4),  # pylint: disable=protected-access
+                          generate.sampling.Params.make()).as_text()
+  assert ("paligemma_rows" in hlo) == calls
+  assert ("paligemma_gather16" in hlo) == (dtype == "bfloat16")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_step_same_logits_without_it(demo, dtype, monkeypatch):
+  models, _, tokens, _ = demo
+  model, params = models[dtype]
+  c = model.cfg.text
+  B, S = 3, 40
+  rng = np.random.default_rng(0)
+  cache = tuple(jnp.asarray(rng.standard_normal((c.num_hidden_layers, B, S, c.num_key_value_heads,
+                                                 c.head_dim)), dtype) for _ in range(2))
+  valid = np.broadcast_to(np.arange(S) <= 30, (B, S))
+
+  def step():  # traced anew each call: the kernel is chosen at trace time
+    @jax.jit
+    def run(params):
+      x = model.apply({"params": params}, None, tokens[:, -1:], method=PaliGemma.embed)
+      return model.apply({"params": params}, x, np.full((B, 1), 30), valid, valid, cache, 30)[0]
+    return np.asarray(run(params), np.float32)
+  with_kernel = step()
+  monkeypatch.setattr(decode_kernel, "available", lambda: False)
+  without = step()
+  scale = np.abs(without).max()
+  # float32: summation order only (4.8e-7 seen). bfloat16: that, then each
+  # product rounded to bf16 (2^-8 relative), through 4 layers (4.8e-3 seen).
+  tol = 1e-5 if dtype == "float32" else 1e-2
+  np.testing.assert_allclose(with_kernel, without, rtol=0, atol=tol * scale)
+
+
+def test_turned_off_by_environment(monkeypatch):
+  monkeypatch.setenv("PALIGEMMA_CPU_KERNEL", "0")
+  decode_kernel.available.cache_clear()
+  try:
+    assert not decode_kernel.available()
+  finally:
+    monkeypatch.delenv("PALIGEMMA_CPU_KERNEL")
+    decode_kernel.available.cache_clear()
+  assert decode_kernel.available()
