@@ -73,7 +73,9 @@ void Block(const float* x, const float* xp, const W* w, int64_t D, int64_t d0, i
     for (int r = 0; r < RB; ++r) Widen(w + r * D + d, wv[r]);
     for (int m = 0; m < MB; ++m) {
       for (int v = 0; v < kVecs; ++v) {
-        __m256 xv = _mm256_load_ps(xp + d * MB + m * kStep + v * 8);
+        // Unaligned load: a pass's rows start m0 * D floats in, 32-byte aligned
+        // whenever D is a multiple of 8 (every real size).
+        __m256 xv = _mm256_loadu_ps(xp + d * MB + m * kStep + v * 8);
         for (int r = 0; r < RB; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r][v], acc[m][r]);
       }
     }
@@ -101,9 +103,9 @@ void Block(const float* x, const float* xp, const W* w, int64_t D, int64_t d0, i
 // The passes over x's rows: 8 at a time, then 4, 2, 1.
 inline int64_t PassRows(int64_t left) { return left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
 
-// x [M, D] -> xp: each pass's rows packed as [D / kStep, rows, kStep],
-// for aligned loads in order (x's own rows, D floats apart, fall in the
-// same L1 set), each step's columns in the order Widen gives the weights.
+// x [M, D] -> xp: each pass's rows packed as [D / kStep, rows, kStep], for
+// loads in order (x's own rows, D floats apart, fall in the same L1 set),
+// each step's columns in the order Widen gives the weights.
 template <typename W>
 void Pack(const float* x, int64_t M, int64_t D, float* xp) {
   constexpr int64_t kStep = ::kStep<W>;
@@ -150,8 +152,8 @@ void Rows(const float* x, const float* xp, const W* w, int64_t M, int64_t D, int
 }
 
 // w's rows in chunks of ~64 KB (a second pass over x's rows, M > 8, finds
-// its chunk in cache; the next chunk is what a pass prefetches), the
-// chunks in a few contiguous shares per thread of XLA's intra-op pool.
+// its chunk in cache), the chunks in a few contiguous shares per thread of
+// XLA's intra-op pool.
 // The caller takes every share nobody has started, so it never waits on a
 // task that has not begun (XLA may run two of these calls at once, each on
 // a pool thread).
