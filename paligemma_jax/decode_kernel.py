@@ -28,7 +28,9 @@ import jax.numpy as jnp
 
 _SOURCE = pathlib.Path(__file__).with_name("decode_kernel.cc")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC"]
-MAX_ROWS = 16  # of x, a decode batch; more (a prefill) stay with XLA's GEMM (at 11 rows the two were even)
+# Rows of x (a decode batch) the kernel takes; more (a prefill) stay with
+# XLA's GEMM (at 11 rows the two were even).
+MAX_ROWS = 16
 
 
 def _cpu_has_avx2_fma() -> bool:
@@ -42,7 +44,8 @@ def _cpu_has_avx2_fma() -> bool:
 def _build() -> pathlib.Path:
   """The kernel's shared library, compiled once per source and jaxlib."""
   include = jax.ffi.include_dir()
-  key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS + [include, jax.__version__]).encode())
+  key = hashlib.sha256(_SOURCE.read_bytes()
+                       + " ".join(_FLAGS + [include, jax.__version__]).encode())
   cache = pathlib.Path(os.environ.get("PALIGEMMA_KERNEL_CACHE",
                                       os.path.expanduser("~/.cache/paligemma/kernels")))
   lib = cache / f"decode_{key.hexdigest()[:16]}.so"

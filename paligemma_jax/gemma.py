@@ -91,11 +91,12 @@ def project(x, w, rows: bool):
   middle axis of w (as "BTD,NDH->BTNH" does) makes XLA's CPU backend
   transpose a copy of the weights at every call, 5-20x slower when decoding
   one token; a decode step's few rows on the CPU take our kernel instead
-  (by_rows, over the matrices' rows end to end). Training: one 2-D matmul against the weights laid side by side,
-  [D, E * O]. Batched over E, the gradient of x was E matmuls contracting
-  only O (32 for a query head) and a sum over E, 4.7 GFLOP/s on XLA's CPU
-  backend; a training step is thousands of rows, so the per-call copy of
-  the weights costs nothing there."""
+  (by_rows, over the matrices' rows end to end). Training: one 2-D matmul
+  against the weights laid side by side, [D, E * O]. Batched over E, the
+  gradient of x was E matmuls contracting only O (32 for a query head) and
+  a sum over E, 4.7 GFLOP/s on XLA's CPU backend; a training step is
+  thousands of rows, so the per-call copy of the weights costs nothing
+  there."""
   E = w.shape[:-2]
   B, T, D = x.shape
   if not rows:

@@ -15,8 +15,8 @@ from paligemma_jax import decode_kernel, generate, load
 from paligemma_jax.paligemma import PaliGemma
 
 pytestmark = pytest.mark.skipif(
-    not decode_kernel._cpu_has_avx2_fma() or jax.default_backend() != "cpu",  # pylint: disable=protected-access
-    reason="the kernel is for x86 CPUs with AVX2 and FMA")
+    not decode_kernel._cpu_has_avx2_fma()  # pylint: disable=protected-access
+    or jax.default_backend() != "cpu", reason="the kernel is for x86 CPUs with AVX2 and FMA")
 
 
 def test_builds_and_registers():
@@ -32,8 +32,9 @@ def test_builds_and_registers():
 def test_product_matches_float64(dtype, m, r, d):
   rng = np.random.default_rng(m * 1000 + d)
   x = rng.standard_normal((m, d)).astype(np.float32)
-  w = rng.standard_normal((r, d)).astype(np.float32).astype(ml_dtypes.bfloat16 if dtype == "bfloat16"
-                                                             else np.float32)
+  w = rng.standard_normal((r, d)).astype(np.float32)
+  if dtype == "bfloat16":
+    w = w.astype(ml_dtypes.bfloat16)
   got = np.asarray(jax.jit(decode_kernel.product)(jnp.asarray(x), jnp.asarray(w)))
   w64 = w.astype(np.float64)
   want = x.astype(np.float64) @ w64.T
