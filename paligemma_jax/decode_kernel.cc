@@ -39,8 +39,8 @@ inline void Widen(const uint16_t* p, __m256* v) {
 }
 
 // Where column k of a step's kStep columns goes in packed x.
-inline int64_t Packed(const float*, int64_t k) { return k; }
-inline int64_t Packed(const uint16_t*, int64_t k) { return k % 2 * 8 + k / 2; }
+template <typename W>
+constexpr int64_t Packed(int64_t k) { return sizeof(W) == 2 ? k % 2 * 8 + k / 2 : k; }
 
 inline float Widen(float v) { return v; }
 inline float Widen(uint16_t v) {
@@ -114,7 +114,7 @@ void Pack(const float* x, int64_t M, int64_t D, float* xp) {
     for (int64_t d = 0; d + kStep <= D; d += kStep)
       for (int64_t m = 0; m < mb; ++m)
         for (int64_t k = 0; k < kStep; ++k)
-          xp[m0 * D + d * mb + m * kStep + Packed(static_cast<const W*>(nullptr), k)] =
+          xp[m0 * D + d * mb + m * kStep + Packed<W>(k)] =
               x[(m0 + m) * D + d + k];
     m0 += mb;
   }

@@ -53,8 +53,9 @@ def test_gather_is_indexing():
 
 @pytest.fixture(scope="module")
 def demo():
-  models = {dtype: load.load(cli.DEMO_DIR, dtype=dtype)[0] for dtype in ("float32", "bfloat16")}
-  _, cfg, tok_path = load.load(cli.DEMO_DIR)
+  loaded = {dtype: load.load(cli.DEMO_DIR, dtype=dtype) for dtype in ("float32", "bfloat16")}
+  models = {dtype: model for dtype, (model, _, _) in loaded.items()}
+  _, cfg, tok_path = loaded["float32"]
   tok = Tokenizer(tok_path, cfg.image_token_index)
   pixels = image_lib.preprocess(image_lib.load(cli.DEMO_IMAGE), cfg.vision.image_size)
   prompts = ["caption en", "answer en how many shapes are there", "detect square"]
