@@ -2,18 +2,19 @@
 
 A Hub directory goes through the shared layout mapping (convert/layout.py)
 one layer at a time; a big_vision .npz is already in this tree's layout.
-Each stacked tensor is assembled in a 64-byte-aligned host buffer that JAX
-then adopts without a copy (DLPack), so loading holds the weights once plus
-one layer. bfloat16, which DLPack does not carry, costs one copy of one
-tensor at a time.
+Each tensor is assembled in a 64-byte-aligned host buffer that XLA's CPU
+client then adopts without a copy (`device_put(may_alias=True)`, float32 and
+bfloat16 alike), so loading holds the weights once plus one tensor's pages
+of the file.
 
 The decoder comes in the training layout (`llm/layers/...` stacked, as
 checkpoints hold it) or, by default, the inference one (`llm/layers_{i}/...`,
 each matrix as rows): see paligemma_jax/gemma.py.
 """
 
+import functools
+
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -31,10 +32,11 @@ def _aligned_empty(shape, dtype: np.dtype) -> np.ndarray:
   return buf[start:start + n].view(dtype).reshape(shape)
 
 
-def to_jax(t, dtype: str, layer: int | None = None, perm: tuple | None = None):
+def to_jax(t, dtype: str, layer: int | None = None, perm: tuple | None = None,
+           release=lambda: None):
   """A layout producer (or an array) -> a JAX array, assembled layer by
-  layer; with `layer`, that layer of a stacked one, its axes permuted by
-  `perm` (in the same copy)."""
+  layer (`release` called after each); with `layer`, that layer of a stacked
+  one, its axes permuted by `perm` (in the same copy)."""
   shape = t.shape if layer is None else t.shape[1:]
   perm = perm or tuple(range(len(shape)))
   out = _aligned_empty(tuple(shape[i] for i in perm), _NP[dtype])
@@ -44,11 +46,11 @@ def to_jax(t, dtype: str, layer: int | None = None, perm: tuple | None = None):
   elif isinstance(t, layout.Stacked):
     for i in range(t.shape[0]):
       out[i] = t.layer(i)
+      release()
   else:
     out[...] = t() if callable(t) else t
-  if dtype == "float32" and out.size and jax.default_backend() == "cpu":
-    return jnp.from_dlpack(out, copy=False)
-  return jnp.asarray(out)
+  # On the CPU, XLA adopts the aligned buffer instead of copying it.
+  return jax.device_put(out, may_alias=True)
 
 
 def unflatten(flat: dict) -> dict:
@@ -80,16 +82,21 @@ def params_from_flat(flat: dict, dtype: str = "float32", scan: bool = False,
                      sources: list | None = None) -> dict:
   """big_vision keys -> the parameter tree in the training layout (scan) or
   the inference one; the file mappings `sources` are released after each
-  tensor is copied."""
+  layer is copied."""
+  # Released as each layer is copied: a stacked tensor's file pages, left
+  # mapped until the whole stack was done, took bf16 3B's peak RSS from 1.04x
+  # the weights to 1.26x.
+  release = functools.partial(safetensors.release, sources or [])
   out = {}
   for key, t in flat.items():
     if scan or not key.startswith(_LAYERS):
-      out[key] = to_jax(t, dtype)
+      out[key] = to_jax(t, dtype, release=release)
     else:
       name = key[len(_LAYERS):]
       for i in range(t.shape[0]):
         out[f"llm/layers_{i}/{name}"] = to_jax(t, dtype, i, gemma.ROWS.get(name))
-    safetensors.release(sources or [])
+        release()
+    release()
   return unflatten(out)
 
 
