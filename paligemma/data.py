@@ -63,13 +63,16 @@ def read_jsonl(path: str, on_error: str = "stop") -> list[Example]:
 
 def shapes_examples(seed: int, size: int = 224, tasks=shapes.TASKS, weights=(1, 1, 1)):
   """An endless stream of shapes examples, one random question per scene of
-  1, 2 or 3 shapes (relative frequencies `weights`): a task drawn uniformly
-  from `tasks` (among those the scene answers), then one of its questions
-  (for `detect`, one about a kind the scene shows two times in three).
-  Drawing questions uniformly instead made `detect` (three per scene) 45% of
-  the data and captions 15%."""
+  1, 2 or 3 shapes (relative frequencies `weights`): a task drawn from
+  `tasks` (a sequence, drawn uniformly, or {task: relative frequency}) among
+  those the scene answers, then one of its questions (for `detect`, one
+  about a kind the scene shows two times in three). Drawing questions
+  uniformly instead made `detect` (three per scene) 45% of the data and
+  captions 15%."""
   rng = np.random.default_rng(seed)
   p = np.asarray(weights, np.float64) / np.sum(weights)
+  if not isinstance(tasks, dict):
+    tasks = dict.fromkeys(tasks, 1.0)
   while True:
     image, objs = shapes.scene(rng, size, int(rng.choice(3, p=p)) + 1)
     by_task = {}
@@ -78,7 +81,8 @@ def shapes_examples(seed: int, size: int = 224, tasks=shapes.TASKS, weights=(1, 
         by_task.setdefault(q[0], []).append(q)
     if not by_task:  # e.g. only color questions, and every kind here twice
       continue
-    qs = list(by_task.values())[int(rng.integers(len(by_task)))]
+    w = np.array([tasks[t] for t in by_task])
+    qs = list(by_task.values())[int(rng.choice(len(by_task), p=w / w.sum()))]
     if qs[0][0] == "detect":
       qs = _detect_mostly_present(qs, rng)
     task, prefix, suffix = qs[int(rng.integers(len(qs)))]

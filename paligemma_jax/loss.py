@@ -8,10 +8,11 @@ import jax.numpy as jnp
 from paligemma_jax.paligemma import PaliGemma
 
 
-def loss_fn(model: PaliGemma, params, b):
+def loss_fn(model: PaliGemma, params, b, per_token: bool = False):
   """Next-token cross-entropy over each example's suffix tokens and <eos>,
   averaged per example, then over the batch (big_vision's convention): a
-  one-token answer ("2") weighs as much as a sixteen-token detection."""
+  one-token answer ("2") weighs as much as a sixteen-token detection. With
+  `per_token`, averaged over every answer token of the batch instead."""
   c = model.cfg.text
   B, T = b["tokens"].shape
   shape = (c.num_hidden_layers, B, T, c.num_key_value_heads, c.head_dim)
@@ -31,5 +32,7 @@ def loss_fn(model: PaliGemma, params, b):
   # outside jit (clamped inside), and NaN * 0 is NaN.
   targets = jnp.where(w > 0, b["tokens"][:, -text + 1:], 0)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  if per_token:
+    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
   per_example = jnp.sum(nll * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
   return jnp.mean(per_example)

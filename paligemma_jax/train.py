@@ -38,7 +38,8 @@ flags.DEFINE_string("eval_data", None, "Held-out JSONL (for --data).")
 flags.DEFINE_enum("task", None, ["shapes"], "A built-in synthetic task instead of --data.")
 flags.DEFINE_integer("canvas", 224, "Image size of the shapes task.")
 flags.DEFINE_list("shapes_tasks", list(shapes.TASKS),
-                  "The shapes questions trained on (evaluation asks them all).")
+                  "The shapes questions trained on, each TASK or TASK:WEIGHT (relative "
+                  "frequency, default 1; evaluation asks them all).")
 flags.DEFINE_list("shapes_weights", ["1", "1", "1"],
                   "Relative frequency of 1-, 2- and 3-shape training scenes (evaluation: "
                   "uniform); 1,0,0 is single shapes only.")
@@ -54,6 +55,9 @@ flags.DEFINE_float("lr", 1e-3, "Peak learning rate.")
 flags.DEFINE_integer("warmup_steps", 100, "Linear warmup steps.")
 flags.DEFINE_float("weight_decay", 1e-4, "AdamW decoupled weight decay.")
 flags.DEFINE_float("clip_norm", 1.0, "Global gradient norm clip; 0 is off.")
+flags.DEFINE_enum("loss_average", "example", ["example", "token"],
+                  "Average the answer tokens' loss per example, then over the batch "
+                  "(big_vision's), or over all answer tokens of the batch.")
 flags.DEFINE_bool("freeze_vision", False, "Keep the vision tower and projector fixed.")
 flags.DEFINE_bool("train_only_attention", False, "Train only the decoder's attention weights.")
 flags.DEFINE_integer("max_text", 48, "Text tokens per example (prompt + answer + specials).")
@@ -105,13 +109,28 @@ def validate_flags():
     raise UserError(f"--lr must be positive, got {FLAGS.lr}")
   if FLAGS.warmup_steps < 0 or FLAGS.weight_decay < 0 or FLAGS.clip_norm < 0:
     raise UserError("--warmup_steps, --weight_decay and --clip_norm must be >= 0")
-  unknown = set(FLAGS.shapes_tasks) - set(shapes.TASKS)
-  if unknown or not FLAGS.shapes_tasks:
-    raise UserError(f"--shapes_tasks: choose among {','.join(shapes.TASKS)}, got "
-                    f"{','.join(FLAGS.shapes_tasks)}")
+  shapes_tasks()
   shapes_weights()
   if FLAGS.freeze_vision and FLAGS.train_only_attention:
     raise UserError("--freeze_vision and --train_only_attention exclude each other")
+
+
+def shapes_tasks() -> dict[str, float]:
+  bad = UserError(f"--shapes_tasks: TASK or TASK:WEIGHT (weight > 0) among "
+                  f"{','.join(shapes.TASKS)}, got {','.join(FLAGS.shapes_tasks)}")
+  tasks = {}
+  for item in FLAGS.shapes_tasks:
+    name, _, weight = item.partition(":")
+    try:
+      w = float(weight) if weight else 1.0
+    except ValueError:
+      raise bad from None
+    if name not in shapes.TASKS or name in tasks or not 0 < w < float("inf"):
+      raise bad
+    tasks[name] = w
+  if not tasks:
+    raise bad
+  return tasks
 
 
 def shapes_weights():
@@ -176,7 +195,7 @@ def train():
     params = init_params(model, cfg, tokenizer)
 
   if FLAGS.task == "shapes":
-    stream = data.shapes_examples(FLAGS.seed, FLAGS.canvas, FLAGS.shapes_tasks,
+    stream = data.shapes_examples(FLAGS.seed, FLAGS.canvas, shapes_tasks(),
                                   shapes_weights())
     held_out = list(_take(data.shapes_examples(10**6 + FLAGS.seed, FLAGS.canvas), FLAGS.eval_examples))
   else:
@@ -196,13 +215,15 @@ def train():
     for _ in range(step * FLAGS.batch_size):  # the same data order as an uninterrupted run
       next(stream)
 
+  per_token = FLAGS.loss_average == "token"
+
   @jax.jit
   def train_step(params, opt_state, b):
-    loss, grads = jax.value_and_grad(lambda p: loss_fn(model, p, b))(params)
+    loss, grads = jax.value_and_grad(lambda p: loss_fn(model, p, b, per_token))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  eval_loss = jax.jit(lambda p, b: loss_fn(model, p, b))
+  eval_loss = jax.jit(lambda p, b: loss_fn(model, p, b, per_token))
   generator = generate.Generator(model, params)
   t_start, seen, losses = time.perf_counter(), 0, []
   batches = _prefetched(lambda: data.make_batch(

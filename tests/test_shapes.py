@@ -59,6 +59,9 @@ def test_training_stream_balances_tasks():
   sizes = collections.Counter(
       len(ex.objects) for ex in itertools.islice(data.shapes_examples(0, 64, weights=(0, 1, 3)), 400))
   assert sizes[1] == 0 and 2.2 < sizes[3] / sizes[2] < 4.2, sizes
+  weighted = collections.Counter(ex.task for ex in itertools.islice(
+      data.shapes_examples(0, 64, {"caption": 3, "count": 1}), 800))
+  assert set(weighted) == {"caption", "count"} and 2.4 < weighted["caption"] / weighted["count"] < 3.8
   detect = list(itertools.islice(data.shapes_examples(0, 64, ("detect",)), 400))
   empty = sum(ex.suffix == "" for ex in detect) / len(detect)
   assert 0.2 < empty < 0.37, empty  # three kinds asked alike: 0.47

@@ -70,7 +70,8 @@ def test_batch_masks(ckpt1):
 
 def test_loss_weighs_each_example_equally(ckpt1):
   """The batch loss is the mean of the examples' own losses, whatever their
-  answer lengths (per-token averaging would favour the longer answer)."""
+  answer lengths (per-token averaging, the other choice, favours the longer
+  answer)."""
   from paligemma_jax import load, loss  # pylint: disable=import-outside-toplevel
   from paligemma.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel
@@ -83,6 +84,11 @@ def test_loss_weighs_each_example_equally(ckpt1):
   both, a, b = of([short, long]), of([short]), of([long])
   assert abs(a - b) > 0.05  # the test can tell the two weightings apart
   np.testing.assert_allclose(both, (a + b) / 2, rtol=1e-5)
+  # --loss_average=token: each answer token (and <eos>) weighs the same.
+  n_a, n_b = (len(tok.encode(ex.suffix)) + 1 for ex in (short, long))
+  per_token = float(loss.loss_fn(model, params, vars(data.make_batch(tok, cfg, [short, long], 64)),
+                                 per_token=True))
+  np.testing.assert_allclose(per_token, (a * n_a + b * n_b) / (n_a + n_b), rtol=1e-5)
 
 
 def test_loss_is_cross_entropy_of_the_answer(ckpt1):
@@ -122,7 +128,8 @@ def test_bad_flags(tmp_path, dataset, ckpt1):
       ([*base, "--batch_size=0"], "--batch_size must be at least 1"),
       ([*base, "--lr=-1"], "--lr must be positive"),
       ([*base, "--resume"], "no checkpoint to resume"),
-      ([*base, "--shapes_tasks=caption,colour"], "--shapes_tasks: choose among"),
+      ([*base, "--shapes_tasks=caption,colour"], "--shapes_tasks: TASK or TASK:WEIGHT"),
+      ([*base, "--shapes_tasks=caption:0,count"], "--shapes_tasks: TASK or TASK:WEIGHT"),
       ([*base, "--shapes_weights=1,0"], "--shapes_weights: three numbers"),
       ([f"--output={tmp_path}/o", f"--checkpoint={ckpt1}"], "exactly one of --data and --task"),
       ([f"--output={tmp_path}/o", f"--data={train}", "--init=demo"], "--init needs --tokenizer"),
