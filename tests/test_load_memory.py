@@ -39,11 +39,11 @@ def wide_bf16(tmp_path_factory):
   return helpers.write_checkpoint(path, cfg, helpers.random_weights(cfg), dtype="bfloat16")
 
 
-def test_load_peak_rss_near_the_weights(wide_bf16, dtype="bfloat16"):
+def test_load_peak_rss_near_the_weights(wide_bf16):
   """bf16, the dtype that was copied (float32 takes the same path: 1.05x)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
-  out = subprocess.run([sys.executable, "-c", _PROBE, wide_bf16, dtype], env=env, cwd=root,
+  out = subprocess.run([sys.executable, "-c", _PROBE, wide_bf16, "bfloat16"], env=env, cwd=root,
                        capture_output=True, text=True, check=True)
   got = json.loads(out.stdout.strip().splitlines()[-1])
   assert got["weights"] > 100e6
