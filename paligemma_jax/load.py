@@ -35,8 +35,9 @@ def _aligned_empty(shape, dtype: np.dtype) -> np.ndarray:
 def to_jax(t, dtype: str, layer: int | None = None, perm: tuple | None = None,
            release=lambda: None):
   """A layout producer (or an array) -> a JAX array, assembled layer by
-  layer (`release` called after each); with `layer`, that layer of a stacked
-  one, its axes permuted by `perm` (in the same copy)."""
+  layer (`release` called after each, and after the whole); with `layer`,
+  that layer of a stacked one, its axes permuted by `perm` (in the same
+  copy)."""
   shape = t.shape if layer is None else t.shape[1:]
   perm = perm or tuple(range(len(shape)))
   out = _aligned_empty(tuple(shape[i] for i in perm), _NP[dtype])
@@ -49,6 +50,7 @@ def to_jax(t, dtype: str, layer: int | None = None, perm: tuple | None = None,
       release()
   else:
     out[...] = t() if callable(t) else t
+  release()
   # On the CPU, XLA adopts the aligned buffer instead of copying it.
   return jax.device_put(out, may_alias=True)
 
@@ -94,9 +96,7 @@ def params_from_flat(flat: dict, dtype: str = "float32", scan: bool = False,
     else:
       name = key[len(_LAYERS):]
       for i in range(t.shape[0]):
-        out[f"llm/layers_{i}/{name}"] = to_jax(t, dtype, i, gemma.ROWS.get(name))
-        release()
-    release()
+        out[f"llm/layers_{i}/{name}"] = to_jax(t, dtype, i, gemma.ROWS.get(name), release)
   return unflatten(out)
 
 
