@@ -63,7 +63,7 @@ flags.DEFINE_bool("train_only_attention", False, "Train only the decoder's atten
 flags.DEFINE_integer("max_text", 48, "Text tokens per example (prompt + answer + specials).")
 flags.DEFINE_integer("save_every", 500, "Checkpoint every this many steps (and at the end).")
 flags.DEFINE_integer("eval_every", 500, "Evaluate every this many steps (and at the end).")
-flags.DEFINE_integer("eval_examples", 100, "Held-out examples per evaluation.")
+flags.DEFINE_integer("eval_examples", 100, "Held-out examples per evaluation; 0: no evaluation.")
 flags.DEFINE_integer("log_every", 20, "Progress line every this many steps.")
 flags.DEFINE_integer("seed", 0, "Initialisation and data seed.")
 flags.DEFINE_bool("resume", False, "Continue from the newest checkpoint in --output.")
@@ -101,10 +101,11 @@ def validate_flags():
     raise UserError("give exactly one of --checkpoint and --init")
   if FLAGS.init and not FLAGS.tokenizer:
     raise UserError("--init needs --tokenizer")
-  for name in ("steps", "batch_size", "max_text", "save_every", "eval_every", "log_every",
-               "eval_examples"):
+  for name in ("steps", "batch_size", "max_text", "save_every", "eval_every", "log_every"):
     if getattr(FLAGS, name) < 1:
       raise UserError(f"--{name} must be at least 1, got {getattr(FLAGS, name)}")
+  if FLAGS.eval_examples < 0:
+    raise UserError(f"--eval_examples must be at least 0, got {FLAGS.eval_examples}")
   if FLAGS.lr <= 0:
     raise UserError(f"--lr must be positive, got {FLAGS.lr}")
   if FLAGS.warmup_steps < 0 or FLAGS.weight_decay < 0 or FLAGS.clip_norm < 0:

@@ -19,6 +19,14 @@ pytestmark = pytest.mark.skipif(
     or jax.default_backend() != "cpu", reason="the kernel is for x86 CPUs with AVX2 and FMA")
 
 
+@pytest.fixture(autouse=True)
+def _registered():
+  """`product` and `gather` call handlers that `available()` registers: each
+  test must also pass alone (they failed under pytest-xdist, where another
+  process had run `test_builds_and_registers`)."""
+  decode_kernel.available()
+
+
 def test_builds_and_registers():
   # A machine that can build it must: a broken build would otherwise only
   # show as slower decoding (the fallback is XLA's dot).

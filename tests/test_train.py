@@ -127,6 +127,7 @@ def test_bad_flags(tmp_path, dataset, ckpt1):
   cases = [
       ([*base, "--batch_size=0"], "--batch_size must be at least 1"),
       ([*base, "--lr=-1"], "--lr must be positive"),
+      ([*base, "--eval_examples=-1"], "--eval_examples must be at least 0"),
       ([*base, "--resume"], "no checkpoint to resume"),
       ([*base, "--shapes_tasks=caption,colour"], "--shapes_tasks: TASK or TASK:WEIGHT"),
       ([*base, "--shapes_tasks=caption:0,count"], "--shapes_tasks: TASK or TASK:WEIGHT"),
@@ -173,10 +174,10 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
   out = str(tmp_path / "run")
   args = ["--task=shapes", "--init=demo", "--tokenizer=paligemma/demo/tokenizer.model",
           f"--output={out}", "--steps=4", "--batch_size=2", "--warmup_steps=1",
-          "--max_text=24", "--save_every=2", "--eval_every=100", "--eval_examples=1",
-          "--log_every=1"]
+          "--max_text=24", "--save_every=2", "--eval_examples=0", "--log_every=1"]
   rc, _, err = run("paligemma_jax.train", *args)
   assert rc == 0, err
+  assert "eval step" not in err, err  # --eval_examples=0: no evaluation (and its compile)
   os.rename(os.path.join(out, "checkpoint-000004"), str(tmp_path / "uninterrupted"))
   rc, _, err2 = run("paligemma_jax.train", *args, "--resume")
   assert rc == 0, err2
