@@ -35,22 +35,22 @@ def _aligned_empty(shape, dtype: np.dtype) -> np.ndarray:
 def to_jax(t, dtype: str, layer: int | None = None, perm: tuple | None = None,
            release=lambda: None):
   """A layout producer (or an array) -> a JAX array, assembled layer by
-  layer (`release` called after each, and after the whole); with `layer`,
-  that layer of a stacked one, its axes permuted by `perm` (in the same
-  copy)."""
+  layer (`release` called after each copy); with `layer`, that layer of a
+  stacked one, its axes permuted by `perm` (in the same copy)."""
   shape = t.shape if layer is None else t.shape[1:]
   perm = perm or tuple(range(len(shape)))
   out = _aligned_empty(tuple(shape[i] for i in perm), _NP[dtype])
   if layer is not None:
     w = t.layer(layer) if isinstance(t, layout.Stacked) else t[layer]
     out[...] = np.transpose(w, perm)
+    release()
   elif isinstance(t, layout.Stacked):
     for i in range(t.shape[0]):
       out[i] = t.layer(i)
       release()
   else:
     out[...] = t() if callable(t) else t
-  release()
+    release()
   # On the CPU, XLA adopts the aligned buffer instead of copying it.
   return jax.device_put(out, may_alias=True)
 
