@@ -10,6 +10,7 @@ binaries load them) with the optimizer state beside, written then renamed;
 --resume continues from the newest.
 """
 
+import dataclasses
 import glob
 import os
 import queue
@@ -49,6 +50,10 @@ flags.DEFINE_string("init", None, "Train from scratch: 'demo' or a variant (pali
 flags.DEFINE_string("tokenizer", None, "tokenizer.model (required with --init).")
 flags.DEFINE_string("variant", None, "For a .npz --checkpoint.")
 flags.DEFINE_string("config", None, "For a .npz --checkpoint.")
+flags.DEFINE_integer("image_size", None,
+                     "Continue --checkpoint at this resolution (a multiple of its patch size): "
+                     "the patch position embedding is resampled to the new grid, as "
+                     "PaliGemma's 224 -> 448 -> 896 px stages do.")
 flags.DEFINE_integer("steps", 1000, "Optimizer steps.")
 flags.DEFINE_integer("batch_size", 32, "Examples per step.")
 flags.DEFINE_float("lr", 1e-3, "Peak learning rate.")
@@ -112,6 +117,11 @@ def validate_flags():
     raise UserError("--warmup_steps, --weight_decay and --clip_norm must be >= 0")
   shapes_tasks()
   shapes_weights()
+  if FLAGS.image_size is not None:
+    if not FLAGS.checkpoint:
+      raise UserError("--image_size needs --checkpoint (--init takes the variant's)")
+    if FLAGS.image_size < 1:
+      raise UserError(f"--image_size must be positive, got {FLAGS.image_size}")
   if FLAGS.freeze_vision and FLAGS.train_only_attention:
     raise UserError("--freeze_vision and --train_only_attention exclude each other")
 
@@ -186,6 +196,9 @@ def train():
   elif FLAGS.checkpoint:
     (model, params), cfg, tokenizer_path = load.load(FLAGS.checkpoint, FLAGS.tokenizer, "float32",
                                                      FLAGS.variant, FLAGS.config, scan=True)
+    if FLAGS.image_size is not None and FLAGS.image_size != cfg.vision.image_size:
+      cfg, params = resize_image(cfg, params, FLAGS.image_size)
+      model = PaliGemma(cfg, scan=True)
   else:
     tokenizer_path = FLAGS.tokenizer
     pieces = Tokenizer(tokenizer_path, 1 << 30).sp.GetPieceSize()
@@ -287,6 +300,22 @@ def init_params(model: PaliGemma, cfg, tokenizer: Tokenizer):
     params["llm"]["embedder"]["input_embedding"] = table.at[jnp.array(loc_ids)].set(
         loc_embedding(1024, c.hidden_size, float(jnp.std(table))))
   return params
+
+
+def resize_image(cfg, params, image_size: int):
+  """-> (config, params) at another input resolution: the patch grid's
+  position embedding resampled bilinearly (half-pixel centers, as
+  transformers' SigLIP `interpolate_pos_encoding`, bicubic there); every
+  other weight is independent of the grid."""
+  p = cfg.vision.patch_size
+  if image_size % p:
+    raise UserError(f"--image_size must be a multiple of the patch size {p}, got {image_size}")
+  old, new = cfg.vision.image_size // p, image_size // p
+  pos = params["img"]["pos_embedding"]  # [1, old * old, D]
+  grid = pos.reshape(old, old, pos.shape[-1])
+  grid = jax.image.resize(grid, (new, new, pos.shape[-1]), "bilinear", antialias=False)
+  params = dict(params, img=dict(params["img"], pos_embedding=grid.reshape(1, new * new, -1)))
+  return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=image_size)), params
 
 
 def posemb_sincos_2d(side: int, width: int, temperature: float = 10_000.0):

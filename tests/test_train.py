@@ -136,6 +136,10 @@ def test_bad_flags(tmp_path, dataset, ckpt1):
       ([f"--output={tmp_path}/o", f"--data={train}", "--init=demo"], "--init needs --tokenizer"),
       ([f"--output={tmp_path}/o", f"--data={tmp_path}/none.jsonl", f"--checkpoint={ckpt1}"], "data file not found"),
       ([*base[:2], f"--checkpoint={tmp_path}/none"], "checkpoint directory not found"),
+      ([*base, "--image_size=60"], "--image_size must be a multiple of the patch size 14"),
+      ([*base, "--image_size=0"], "--image_size must be positive"),
+      ([*base[:2], "--init=demo", "--tokenizer=paligemma/demo/tokenizer.model", "--image_size=112"],
+       "--image_size needs --checkpoint"),
   ]
   for (args, msg), (rc, _, err) in zip(cases, run_each([["paligemma_jax.train", *a] for a, _ in cases])):
     assert rc == 1 and "Traceback" not in err, err
@@ -197,3 +201,50 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
                "embed_tokens.weight"):
     w = np.asarray(want[hub.TEXT + name])
     assert abs(w.std() * w.shape[-1]**0.5 - 1) < 0.1, (name, w.std())
+
+
+def test_position_embedding_resampled_bilinearly(ckpt1):
+  """A position embedding linear in (row, column) stays so on the new grid,
+  sampled at the old grid's coordinates of the new patch centers (clamped
+  at the border); nothing else changes."""
+  from paligemma_jax import load, train  # pylint: disable=import-outside-toplevel
+  (_, params), cfg, _ = load.load(ckpt1, scan=True)
+  old, D = 4, cfg.vision.hidden_size  # 56 px, patch 14
+  a, b = np.random.default_rng(0).standard_normal((2, D)).astype(np.float32)
+  r, c = np.divmod(np.arange(old * old), old)
+  params["img"]["pos_embedding"] = (r[:, None] * a + c[:, None] * b)[None]
+  cfg2, params2 = train.resize_image(cfg, params, 98)  # 7 x 7 patches
+  assert cfg2.vision.image_size == 98 and cfg2.num_image_tokens == 49
+  assert cfg2.text == cfg.text and cfg2.vision.patch_size == 14
+  at = np.clip((np.arange(7) + 0.5) * old / 7 - 0.5, 0, old - 1)  # new centers on the old grid
+  r2, c2 = np.divmod(np.arange(49), 7)
+  want = at[r2][:, None] * a + at[c2][:, None] * b
+  np.testing.assert_allclose(np.asarray(params2["img"]["pos_embedding"])[0], want, atol=1e-5)
+  for k, v in load.flatten(params).items():
+    if k != "img/pos_embedding":
+      assert load.flatten(params2)[k] is v, k
+  _, same = train.resize_image(cfg, params, 56)
+  np.testing.assert_allclose(same["img"]["pos_embedding"], params["img"]["pos_embedding"],
+                             atol=1e-6)
+
+
+def test_fine_tune_at_another_resolution(tmp_path, dataset, ckpt1, images):
+  """--image_size continues a checkpoint at a new resolution; the result
+  says so in its config.json and loads in both binaries alike."""
+  train, _ = dataset
+  out = str(tmp_path / "run")
+  rc, _, err = run("paligemma_jax.train", f"--data={train}", f"--checkpoint={ckpt1}",
+                   "--image_size=70", f"--output={out}", "--steps=2", "--batch_size=3",
+                   "--max_text=24", "--eval_examples=0")
+  assert rc == 0, err
+  final = os.path.join(out, "checkpoint-000002")
+  with open(os.path.join(final, "config.json")) as f:
+    assert json.load(f)["vision_config"]["image_size"] == 70
+  args = [f"--checkpoint={final}", f"--image={images[0]}", "--prompt=caption en", "--json",
+          "--max_new_tokens=6"]
+  outs = []
+  for rc, stdout, err in run_each([[m, *args] for m in ("paligemma_torch.inference",
+                                                        "paligemma_jax.inference")]):
+    assert rc == 0, err
+    outs.append(json.loads(stdout)["token_ids"])
+  assert outs[0] == outs[1]
