@@ -10,7 +10,6 @@ binaries load them) with the optimizer state beside, written then renamed;
 --resume continues from the newest.
 """
 
-import dataclasses
 import glob
 import os
 import queue
@@ -29,7 +28,7 @@ from paligemma import data, evaluate, shapes
 from paligemma import errors
 from paligemma.errors import UserError
 from paligemma.tokenizer import Tokenizer
-from paligemma_jax import generate, heap, load, xla_cache
+from paligemma_jax import generate, heap, load, resolution, xla_cache
 from paligemma_jax.loss import loss_fn
 from paligemma_jax.paligemma import PaliGemma
 
@@ -197,7 +196,7 @@ def train():
     (model, params), cfg, tokenizer_path = load.load(FLAGS.checkpoint, FLAGS.tokenizer, "float32",
                                                      FLAGS.variant, FLAGS.config, scan=True)
     if FLAGS.image_size is not None and FLAGS.image_size != cfg.vision.image_size:
-      cfg, params = resize_image(cfg, params, FLAGS.image_size)
+      cfg, params = resolution.resize_image(cfg, params, FLAGS.image_size)
       model = PaliGemma(cfg, scan=True)
   else:
     tokenizer_path = FLAGS.tokenizer
@@ -300,22 +299,6 @@ def init_params(model: PaliGemma, cfg, tokenizer: Tokenizer):
     params["llm"]["embedder"]["input_embedding"] = table.at[jnp.array(loc_ids)].set(
         loc_embedding(1024, c.hidden_size, float(jnp.std(table))))
   return params
-
-
-def resize_image(cfg, params, image_size: int):
-  """-> (config, params) at another input resolution: the patch grid's
-  position embedding resampled bilinearly (half-pixel centers, as
-  transformers' SigLIP `interpolate_pos_encoding`, bicubic there); every
-  other weight is independent of the grid."""
-  p = cfg.vision.patch_size
-  if image_size % p:
-    raise UserError(f"--image_size must be a multiple of the patch size {p}, got {image_size}")
-  old, new = cfg.vision.image_size // p, image_size // p
-  pos = params["img"]["pos_embedding"]  # [1, old * old, D]
-  grid = pos.reshape(old, old, pos.shape[-1])
-  grid = jax.image.resize(grid, (new, new, pos.shape[-1]), "bilinear", antialias=False)
-  params = dict(params, img=dict(params["img"], pos_embedding=grid.reshape(1, new * new, -1)))
-  return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=image_size)), params
 
 
 def posemb_sincos_2d(side: int, width: int, temperature: float = 10_000.0):

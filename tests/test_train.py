@@ -207,13 +207,13 @@ def test_position_embedding_resampled_bilinearly(ckpt1):
   """A position embedding linear in (row, column) stays so on the new grid,
   sampled at the old grid's coordinates of the new patch centers (clamped
   at the border); nothing else changes."""
-  from paligemma_jax import load, train  # pylint: disable=import-outside-toplevel
+  from paligemma_jax import load, resolution  # pylint: disable=import-outside-toplevel
   (_, params), cfg, _ = load.load(ckpt1, scan=True)
   old, D = 4, cfg.vision.hidden_size  # 56 px, patch 14
   a, b = np.random.default_rng(0).standard_normal((2, D)).astype(np.float32)
   r, c = np.divmod(np.arange(old * old), old)
   params["img"]["pos_embedding"] = (r[:, None] * a + c[:, None] * b)[None]
-  cfg2, params2 = train.resize_image(cfg, params, 98)  # 7 x 7 patches
+  cfg2, params2 = resolution.resize_image(cfg, params, 98)  # 7 x 7 patches
   assert cfg2.vision.image_size == 98 and cfg2.num_image_tokens == 49
   assert cfg2.text == cfg.text and cfg2.vision.patch_size == 14
   at = np.clip((np.arange(7) + 0.5) * old / 7 - 0.5, 0, old - 1)  # new centers on the old grid
@@ -223,7 +223,7 @@ def test_position_embedding_resampled_bilinearly(ckpt1):
   for k, v in load.flatten(params).items():
     if k != "img/pos_embedding":
       assert load.flatten(params2)[k] is v, k
-  _, same = train.resize_image(cfg, params, 56)
+  _, same = resolution.resize_image(cfg, params, 56)
   np.testing.assert_allclose(same["img"]["pos_embedding"], params["img"]["pos_embedding"],
                              atol=1e-6)
 
