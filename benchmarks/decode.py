@@ -88,6 +88,15 @@ def bandwidths(device: str, gib: float) -> dict:
   return found
 
 
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                  "unknown CPU")
+  except OSError:
+    return "unknown CPU"
+
+
 def bytes_per_step(cfg, itemsize: int, B: int, cache_len: int) -> dict:
   decoder = sum(int(np.prod(s)) for n, s in hub.shapes(cfg).items() if n.startswith(hub.TEXT))
   t = cfg.text
@@ -131,7 +140,7 @@ def main():
   bw = max(by_way.values())
   result = {"checkpoint": FLAGS.checkpoint, "dtype": FLAGS.dtype, "bandwidth_gb_s": bw,
             "bandwidth_by_way_gb_s": by_way,
-            "machine": f"{os.cpu_count()} cores", "device": FLAGS.device, "rows": rows,
+            "machine": f"{os.cpu_count()} cores, {_cpu_name()}", "device": FLAGS.device, "rows": rows,
             "roofline": {}}
   for B in sizes:
     b = bytes_per_step(cfg, itemsize, B, prompt_len + FLAGS.new_tokens // 2)
@@ -154,6 +163,8 @@ def main():
     print(line)
   for B in FLAGS.batch_sizes:
     print(f"roofline b{B}: {result['roofline'][f'b{B}']['tok_s']:.1f} tok/s")
+  print(f"machine: {result['machine']}" + "".join(
+      f"; JAX CPU decode kernel: {r['cpu_kernel']}" for r in rows if "cpu_kernel" in r))
   with open(FLAGS.json, "w") as f:
     json.dump(result, f, indent=2)
 

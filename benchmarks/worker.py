@@ -67,10 +67,13 @@ def inputs(cfg, tokenizer, B, prompt="caption en"):
 
 def bench_jax(out):
   import jax  # pylint: disable=import-outside-toplevel
-  from paligemma_jax import generate, load  # pylint: disable=import-outside-toplevel
+  from paligemma_jax import decode_kernel, generate, load  # pylint: disable=import-outside-toplevel
   from paligemma_jax.paligemma import PaliGemma  # pylint: disable=import-outside-toplevel
   if (jax.default_backend() == "gpu") != (FLAGS.device == "gpu"):
     raise SystemExit(f"--device={FLAGS.device} but JAX's backend is {jax.default_backend()}")
+  if FLAGS.device == "cpu":  # which build of the decode kernel the figures are of
+    out["cpu_kernel"] = (("avx512" if decode_kernel.uses_avx512() else "avx2")
+                         if decode_kernel.available() else "off")
   t0 = time.perf_counter()
   (model, params), cfg, tok_path = load.load(FLAGS.checkpoint, dtype=FLAGS.dtype)
   jax.block_until_ready(params)

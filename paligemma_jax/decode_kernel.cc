@@ -1,5 +1,6 @@
 // y[M, R] = x[M, D] times each row of w[R, D]: a decode step's products on
-// x86 CPUs with AVX2 and FMA, for a handful of rows M (the batch).
+// x86 CPUs with AVX2 and FMA, or AVX-512, for a handful of rows M (the
+// batch).
 //
 // Why not XLA's dot: at 8 rows its CPU GEMM reads float32 weights at about
 // half the speed of its one-row product, and it has no fast bfloat16 dot
@@ -24,23 +25,60 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// One step of a block: kStep weights of a row, as float32 vectors of 8.
-// bf16 weights come 16 at a time in one load: a bf16 is the top half of a
-// float32, so the odd ones are a mask away and the even ones a shift
-// (x is packed to match: each 16 columns as their 8 even, then 8 odd).
-template <typename W>
-constexpr int64_t kStep = 32 / sizeof(W);
-
-inline void Widen(const float* p, __m256* v) { v[0] = _mm256_loadu_ps(p); }
-inline void Widen(const uint16_t* p, __m256* v) {
+// The vector unit: AVX-512's 16 floats and 32 registers where the build
+// has it (decode_kernel.py passes -mavx512f where the CPU has it), else
+// AVX2's 8 floats and 16 registers. At 8 rows of x, AVX2 has room for one
+// weight row's accumulators (8 loads of x per 8 FMAs: load-port bound);
+// AVX-512 holds two rows' (half the loads of x per FMA, each FMA twice as
+// wide), so the arithmetic of a 64-byte line of weights takes a quarter of
+// AVX2's cycles and hides behind the weight stream.
+#ifdef __AVX512F__
+using Vec = __m512;
+constexpr int kLanes = 16;
+inline Vec Zero() { return _mm512_setzero_ps(); }
+inline Vec Load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float Sum(Vec v) { return _mm512_reduce_add_ps(v); }
+inline void Widen(const uint16_t* p, Vec* v) {
+  __m512i h = _mm512_loadu_si512(p);
+  v[0] = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+  v[1] = _mm512_castsi512_ps(_mm512_and_si512(h, _mm512_set1_epi32(0xffff0000)));
+}
+// Weight rows a block of 8 (and 4) rows of x reads at once.
+constexpr int kRows8 = 2, kRows4 = 4;
+#else
+using Vec = __m256;
+constexpr int kLanes = 8;
+inline Vec Zero() { return _mm256_setzero_ps(); }
+inline Vec Load(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float Sum(Vec v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline void Widen(const uint16_t* p, Vec* v) {
   __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   v[0] = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
   v[1] = _mm256_castsi256_ps(_mm256_and_si256(h, _mm256_set1_epi32(0xffff0000)));
 }
+constexpr int kRows8 = 1, kRows4 = 2;
+#endif
+
+// One step of a block: kStep weights of a row, as float32 vectors.
+// bf16 weights come 2 * kLanes at a time in one load: a bf16 is the top
+// half of a float32, so the odd ones are a mask away and the even ones a
+// shift (x is packed to match: each 2 * kLanes columns as their even,
+// then their odd ones).
+template <typename W>
+constexpr int64_t kStep = int64_t{sizeof(Vec)} / int64_t{sizeof(W)};
+
+inline void Widen(const float* p, Vec* v) { v[0] = Load(p); }
 
 // Where column k of a step's kStep columns goes in packed x.
 template <typename W>
-constexpr int64_t Packed(int64_t k) { return sizeof(W) == 2 ? k % 2 * 8 + k / 2 : k; }
+constexpr int64_t Packed(int64_t k) { return sizeof(W) == 2 ? k % 2 * kLanes + k / 2 : k; }
 
 inline float Widen(float v) { return v; }
 inline float Widen(uint16_t v) {
@@ -50,13 +88,6 @@ inline float Widen(uint16_t v) {
   return f;
 }
 
-inline float Sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // Columns [d0, d1) of MB rows of x against RB rows of w, added into y:
 // MB * RB accumulators in registers, so each load of x serves RB rows of w
 // and each load of w serves MB rows of x. xp is x packed for this pass.
@@ -64,19 +95,19 @@ template <int MB, int RB, typename W>
 __attribute__((noinline))  // inlined, GCC kept the accumulators on the stack
 void Block(const float* x, const float* xp, const W* w, int64_t D, int64_t d0, int64_t d1,
            float* y, int64_t ldy) {
-  __m256 acc[MB][RB];
+  Vec acc[MB][RB];
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < RB; ++r) acc[m][r] = _mm256_setzero_ps();
-  constexpr int64_t kStep = ::kStep<W>, kVecs = kStep / 8;
+    for (int r = 0; r < RB; ++r) acc[m][r] = Zero();
+  constexpr int64_t kStep = ::kStep<W>, kVecs = kStep / kLanes;
   auto step = [&](int64_t d) {
-    __m256 wv[RB][kVecs];
+    Vec wv[RB][kVecs];
     for (int r = 0; r < RB; ++r) Widen(w + r * D + d, wv[r]);
     for (int m = 0; m < MB; ++m) {
       for (int v = 0; v < kVecs; ++v) {
-        // Unaligned load: a pass's rows start m0 * D floats in, 32-byte aligned
-        // whenever D is a multiple of 8 (every real size).
-        __m256 xv = _mm256_loadu_ps(xp + d * MB + m * kStep + v * 8);
-        for (int r = 0; r < RB; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r][v], acc[m][r]);
+        // Unaligned load: a pass's rows start m0 * D floats in, aligned
+        // whenever D is a multiple of kLanes (every real size).
+        Vec xv = Load(xp + d * MB + m * kStep + v * kLanes);
+        for (int r = 0; r < RB; ++r) acc[m][r] = Fma(xv, wv[r][v], acc[m][r]);
       }
     }
   };
@@ -85,7 +116,7 @@ void Block(const float* x, const float* xp, const W* w, int64_t D, int64_t d0, i
   // line of these rows also fetches the same line of the next block's rows.
   constexpr int64_t kLine = 64 / sizeof(W);  // weights in a cache line
   int64_t d = d0;
-  for (; d + kLine <= d1; d += kLine) {
+  for (; d + kLine <= d1; d += kLine) {  // a step is a line (AVX-512) or half of one
     for (int r = 0; r < RB; ++r)
       _mm_prefetch(reinterpret_cast<const char*>(w + (RB + r) * D + d), _MM_HINT_T0);
     for (int64_t e = d; e < d + kLine; e += kStep) step(e);
@@ -143,8 +174,8 @@ void Rows(const float* x, const float* xp, const W* w, int64_t M, int64_t D, int
     const float *xm = x + m * D, *xpm = xp + m * D;
     float* ym = y + m * R;
     switch (PassRows(M - m)) {
-      case 8: Pass<8, 1>(xm, xpm, w, D, r0, r1, ym, R); break;
-      case 4: Pass<4, 2>(xm, xpm, w, D, r0, r1, ym, R); break;
+      case 8: Pass<8, kRows8>(xm, xpm, w, D, r0, r1, ym, R); break;
+      case 4: Pass<4, kRows4>(xm, xpm, w, D, r0, r1, ym, R); break;
       case 2: Pass<2, 4>(xm, xpm, w, D, r0, r1, ym, R); break;
       default: Pass<1, 4>(xm, xpm, w, D, r0, r1, ym, R);
     }

@@ -10,7 +10,10 @@ widens bf16 in registers; it runs on XLA's own threads, as an FFI custom
 call. It is compiled on first use with the machine's C++ compiler into
 ~/.cache/paligemma/kernels (PALIGEMMA_KERNEL_CACHE overrides), and where it
 cannot be (no compiler, no AVX2 and FMA, not x86) XLA's dot is used and a
-warning says why. PALIGEMMA_CPU_KERNEL=0 turns it off (to compare).
+warning says why. Where the CPU has AVX-512 it is built for it (twice the
+lanes and registers: batch 8 no longer waits on its arithmetic).
+PALIGEMMA_CPU_KERNEL=0 turns it off, =avx2 builds it for AVX2 alone (to
+compare).
 """
 
 import ctypes
@@ -33,19 +36,30 @@ _FLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC"]
 MAX_ROWS = 16
 
 
-def _cpu_has_avx2_fma() -> bool:
+@functools.cache
+def _cpu_flags() -> frozenset:
   try:
-    flags = pathlib.Path("/proc/cpuinfo").read_text().split()
+    return frozenset(pathlib.Path("/proc/cpuinfo").read_text().split())
   except OSError:
-    return False
-  return "avx2" in flags and "fma" in flags
+    return frozenset()
+
+
+def _cpu_has_avx2_fma() -> bool:
+  return {"avx2", "fma"} <= _cpu_flags()
+
+
+def uses_avx512() -> bool:
+  """Whether the kernel is built for AVX-512 (the CPU has it, and
+  PALIGEMMA_CPU_KERNEL does not ask for AVX2)."""
+  return "avx512f" in _cpu_flags() and os.environ.get("PALIGEMMA_CPU_KERNEL") != "avx2"
 
 
 def _build() -> pathlib.Path:
-  """The kernel's shared library, compiled once per source and jaxlib."""
+  """The kernel's shared library, compiled once per source, flags and jaxlib."""
   include = jax.ffi.include_dir()
+  flags = _FLAGS + ["-mavx512f"] * uses_avx512()
   key = hashlib.sha256(_SOURCE.read_bytes()
-                       + " ".join(_FLAGS + [include, jax.__version__]).encode())
+                       + " ".join(flags + [include, jax.__version__]).encode())
   cache = pathlib.Path(os.environ.get("PALIGEMMA_KERNEL_CACHE",
                                       os.path.expanduser("~/.cache/paligemma/kernels")))
   lib = cache / f"decode_{key.hexdigest()[:16]}.so"
@@ -53,7 +67,7 @@ def _build() -> pathlib.Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # then renamed: no half-written library
       out = pathlib.Path(tmp) / lib.name
-      subprocess.run([os.environ.get("CXX", "c++"), *_FLAGS, "-w", f"-I{include}", str(_SOURCE),
+      subprocess.run([os.environ.get("CXX", "c++"), *flags, "-w", f"-I{include}", str(_SOURCE),
                       "-o", str(out)], check=True, capture_output=True, text=True)
       os.replace(out, lib)
   return lib

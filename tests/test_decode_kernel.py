@@ -3,6 +3,10 @@ multiplies exactly (float32 accumulation, any shape: tails of D, of the
 rows of x and w, several tiles and threads), gathers bf16 rows exactly, is
 what a compiled decode step calls, and leaves greedy generations unchanged."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -121,3 +125,14 @@ def test_turned_off_by_environment(monkeypatch):
     monkeypatch.delenv("PALIGEMMA_CPU_KERNEL")
     decode_kernel.available.cache_clear()
   assert decode_kernel.available()
+
+
+@pytest.mark.skipif(not decode_kernel.uses_avx512(), reason="no AVX-512: AVX2's is the one build")
+def test_avx2_build_multiplies_exactly_too():
+  # This process runs the AVX-512 build; the AVX2 one (what AVX2-only CPUs
+  # run) is held to the same bounds in a process of its own.
+  env = {**os.environ, "PALIGEMMA_CPU_KERNEL": "avx2"}
+  run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                        "-k", "product_matches or builds"], env=env, capture_output=True, text=True,
+                       check=False)
+  assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-2000:]
