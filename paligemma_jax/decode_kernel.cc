@@ -30,8 +30,10 @@ namespace {
 // AVX2's 8 floats and 16 registers. At 8 rows of x, AVX2 has room for one
 // weight row's accumulators (8 loads of x per 8 FMAs: load-port bound);
 // AVX-512 holds two rows' (half the loads of x per FMA, each FMA twice as
-// wide), so the arithmetic of a 64-byte line of weights takes a quarter of
-// AVX2's cycles and hides behind the weight stream.
+// wide): a 64-byte line of float32 weights costs 8 FMAs and 5 loads
+// against AVX2's 16 and 18. At 8 rows that streams float32 at 0.79x the
+// one-row rate, against AVX2's 0.62x (BUILD.md): closer to, not yet, hidden
+// behind the weight stream.
 #ifdef __AVX512F__
 using Vec = __m512;
 constexpr int kLanes = 16;

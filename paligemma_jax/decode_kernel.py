@@ -11,7 +11,7 @@ call. It is compiled on first use with the machine's C++ compiler into
 ~/.cache/paligemma/kernels (PALIGEMMA_KERNEL_CACHE overrides), and where it
 cannot be (no compiler, no AVX2 and FMA, not x86) XLA's dot is used and a
 warning says why. Where the CPU has AVX-512 it is built for it (twice the
-lanes and registers: batch 8 no longer waits on its arithmetic).
+lanes and registers: at 8 rows, half the loads of x per FMA).
 PALIGEMMA_CPU_KERNEL=0 turns it off, =avx2 builds it for AVX2 alone (to
 compare).
 """
