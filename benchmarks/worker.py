@@ -72,8 +72,7 @@ def bench_jax(out):
   if (jax.default_backend() == "gpu") != (FLAGS.device == "gpu"):
     raise SystemExit(f"--device={FLAGS.device} but JAX's backend is {jax.default_backend()}")
   if FLAGS.device == "cpu":  # which build of the decode kernel the figures are of
-    out["cpu_kernel"] = (("avx512" if decode_kernel.uses_avx512() else "avx2")
-                         if decode_kernel.available() else "off")
+    out["cpu_kernel"] = decode_kernel.build_name()
   t0 = time.perf_counter()
   (model, params), cfg, tok_path = load.load(FLAGS.checkpoint, dtype=FLAGS.dtype)
   jax.block_until_ready(params)

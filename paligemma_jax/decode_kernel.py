@@ -11,9 +11,11 @@ call. It is compiled on first use with the machine's C++ compiler into
 ~/.cache/paligemma/kernels (PALIGEMMA_KERNEL_CACHE overrides), and where it
 cannot be (no compiler, no AVX2 and FMA, not x86) XLA's dot is used and a
 warning says why. Where the CPU has AVX-512 it is built for it (twice the
-lanes and registers: at 8 rows, half the loads of x per FMA).
-PALIGEMMA_CPU_KERNEL=0 turns it off, =avx2 builds it for AVX2 alone (to
-compare).
+lanes and registers: at 8 rows, half the loads of x per FMA), and where
+it also has AVX512-BF16, bf16 activations times bf16 weights take its
+vdpbf16ps dot (exact products, float32 sums, as the widening path).
+PALIGEMMA_CPU_KERNEL=0 turns it off, =avx2 builds it for AVX2 alone,
+=avx512 for AVX-512 without the bf16 dot (to compare).
 """
 
 import ctypes
@@ -54,10 +56,25 @@ def uses_avx512() -> bool:
   return "avx512f" in _cpu_flags() and os.environ.get("PALIGEMMA_CPU_KERNEL") != "avx2"
 
 
+def uses_bf16_dot() -> bool:
+  """Whether the AVX-512 build has the bf16 dot (the CPU has AVX512-BF16, and
+  PALIGEMMA_CPU_KERNEL does not ask for plain AVX-512)."""
+  return (uses_avx512() and "avx512_bf16" in _cpu_flags()
+          and os.environ.get("PALIGEMMA_CPU_KERNEL") != "avx512")
+
+
+def build_name() -> str:
+  """Which build decodes here: "avx512-bf16" (with the bf16 dot), "avx512",
+  "avx2", or "off" (XLA's dot)."""
+  if not available():
+    return "off"
+  return "avx512-bf16" if uses_bf16_dot() else "avx512" if uses_avx512() else "avx2"
+
+
 def _build() -> pathlib.Path:
   """The kernel's shared library, compiled once per source, flags and jaxlib."""
   include = jax.ffi.include_dir()
-  flags = _FLAGS + ["-mavx512f"] * uses_avx512()
+  flags = _FLAGS + ["-mavx512f"] * uses_avx512() + ["-mavx512bf16"] * uses_bf16_dot()
   key = hashlib.sha256(_SOURCE.read_bytes()
                        + " ".join(flags + [include, jax.__version__]).encode())
   cache = pathlib.Path(os.environ.get("PALIGEMMA_KERNEL_CACHE",
@@ -88,8 +105,11 @@ def available() -> bool:
     logging.warning("paligemma: CPU decode kernel not built (%s); decode products use XLA's dot",
                     why.strip().splitlines()[-1] if why.strip() else type(e).__name__)
     return False
-  for name, fn in (("paligemma_rows_f32", lib.RowsF32), ("paligemma_rows_bf16", lib.RowsBF16),
-                   ("paligemma_gather16", lib.Gather16)):
+  targets = [("paligemma_rows_f32", lib.RowsF32), ("paligemma_rows_bf16", lib.RowsBF16),
+             ("paligemma_gather16", lib.Gather16)]
+  if uses_bf16_dot():
+    targets.append(("paligemma_rows_bf16_dot", lib.RowsBF16Dot))
+  for name, fn in targets:
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
   return True
 
@@ -120,6 +140,8 @@ def gather(table, ids):
 def product(x, w):
   """x [M, D] times each row of w [R, D] (float32 or bfloat16) -> [M, R]
   float32, accumulated in float32. Only where `applies`."""
-  name = "paligemma_rows_bf16" if w.dtype == jnp.bfloat16 else "paligemma_rows_f32"
   out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
+  if w.dtype == jnp.bfloat16 and x.dtype == jnp.bfloat16 and uses_bf16_dot():
+    return jax.ffi.ffi_call("paligemma_rows_bf16_dot", out)(x, w)
+  name = "paligemma_rows_bf16" if w.dtype == jnp.bfloat16 else "paligemma_rows_f32"
   return jax.ffi.ffi_call(name, out)(x.astype(jnp.float32), w)

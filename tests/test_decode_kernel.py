@@ -37,7 +37,7 @@ def test_builds_and_registers():
   assert decode_kernel.available()
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bfloat16 x and w"])
 @pytest.mark.parametrize("m,r,d", [(1, 37, 24), (1, 5, 4100), (2, 9, 1003), (3, 2000, 256),
                                    (5, 7, 2048), (8, 13, 1003), (11, 3, 520), (13, 5, 1003),
                                    (16, 70, 96), (2, 21, 9000)])
@@ -45,13 +45,15 @@ def test_product_matches_float64(dtype, m, r, d):
   rng = np.random.default_rng(m * 1000 + d)
   x = rng.standard_normal((m, d)).astype(np.float32)
   w = rng.standard_normal((r, d)).astype(np.float32)
-  if dtype == "bfloat16":
+  if dtype != "float32":
     w = w.astype(ml_dtypes.bfloat16)
+  if dtype == "bfloat16 x and w":  # a bf16 model's activations: vdpbf16ps where the CPU has it
+    x = x.astype(ml_dtypes.bfloat16)
   got = np.asarray(jax.jit(decode_kernel.product)(jnp.asarray(x), jnp.asarray(w)))
   w64 = w.astype(np.float64)
   want = x.astype(np.float64) @ w64.T
   # float32 accumulation of d products: a few ulps of the sum of magnitudes.
-  bound = 4 * np.finfo(np.float32).eps * np.sqrt(d) * (np.abs(x) @ np.abs(w64).T)
+  bound = 4 * np.finfo(np.float32).eps * np.sqrt(d) * (np.abs(x.astype(np.float64)) @ np.abs(w64).T)
   assert got.shape == (m, r) and got.dtype == np.float32
   assert (np.abs(got - want) <= bound).all(), np.abs(got - want).max()
 
@@ -87,6 +89,8 @@ def test_decode_step_calls_the_kernel(demo, dtype, rows, calls):
                           generate.sampling.Params.make()).as_text()
   assert ("paligemma_rows" in hlo) == calls
   assert ("paligemma_gather16" in hlo) == (dtype == "bfloat16")
+  # A bf16 model's activations are bf16: they take the dot where it is built.
+  assert ("paligemma_rows_bf16_dot" in hlo) == (dtype == "bfloat16" and decode_kernel.uses_bf16_dot())
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -127,11 +131,18 @@ def test_turned_off_by_environment(monkeypatch):
   assert decode_kernel.available()
 
 
-@pytest.mark.skipif(not decode_kernel.uses_avx512(), reason="no AVX-512: AVX2's is the one build")
-def test_avx2_build_multiplies_exactly_too():
-  # This process runs the AVX-512 build; the AVX2 one (what AVX2-only CPUs
-  # run) is held to the same bounds in a process of its own.
-  env = {**os.environ, "PALIGEMMA_CPU_KERNEL": "avx2"}
+def _other_builds():
+  """The builds this CPU can run besides its default: what CPUs with less
+  run (AVX2 alone; AVX-512 without the bf16 dot)."""
+  return ["avx2"] * decode_kernel.uses_avx512() + ["avx512"] * decode_kernel.uses_bf16_dot()
+
+
+@pytest.mark.parametrize("build", _other_builds() or [pytest.param(None, marks=pytest.mark.skip(
+    reason="no AVX-512: AVX2's is the one build"))])
+def test_other_builds_multiply_exactly_too(build):
+  # This process runs the default build; the others are held to the same
+  # bounds in a process of their own.
+  env = {**os.environ, "PALIGEMMA_CPU_KERNEL": build}
   run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                         "-k", "product_matches or builds"], env=env, capture_output=True, text=True,
                        check=False)
