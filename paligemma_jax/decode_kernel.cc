@@ -117,18 +117,18 @@ void Block(const X* x, const X* xp, const W* w, int64_t D, int64_t d0, int64_t d
     for (int r = 0; r < RB; ++r) acc[m][r] = Zero();
   constexpr int64_t kStep = ::kStep<W>, kVecs = kStep / kLanes;
   auto step = [&](int64_t d) {
-#ifdef __AVX512BF16__
     if constexpr (kDot<X>) {  // 32 bf16 of a row per instruction, widened by it
+#ifdef __AVX512BF16__
       __m512bh wv[RB];
       for (int r = 0; r < RB; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(w + r * D + d);
       for (int m = 0; m < MB; ++m) {
         __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + d * MB + m * kStep);
         for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
       }
-      return;
-    }
+#else
+      static_assert(!kDot<X>, "bf16 x takes a build with -mavx512bf16");
 #endif
-    if constexpr (!kDot<X>) {
+    } else {
       Vec wv[RB][kVecs];
       for (int r = 0; r < RB; ++r) Widen(w + r * D + d, wv[r]);
       for (int m = 0; m < MB; ++m) {

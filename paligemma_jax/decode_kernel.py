@@ -139,7 +139,8 @@ def gather(table, ids):
 
 def product(x, w):
   """x [M, D] times each row of w [R, D] (float32 or bfloat16) -> [M, R]
-  float32, accumulated in float32. Only where `applies`."""
+  float32, accumulated in float32. Only where `applies`. bf16 x with bf16
+  w takes the bf16 dot where it is built; otherwise x is widened first."""
   out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
   if w.dtype == jnp.bfloat16 and x.dtype == jnp.bfloat16 and uses_bf16_dot():
     return jax.ffi.ffi_call("paligemma_rows_bf16_dot", out)(x, w)
