@@ -6,14 +6,16 @@ a decode step must read every decoder weight (and the tied output head)
 once plus the KV cache in use, so tokens/s <= B * bandwidth / bytes per step.
 Bandwidth is measured in this run by streaming reads far larger than the
 caches (an XLA matrix-vector product and a torch reduction, the fastest
-counts). Prints a table and writes it as JSON.
+counts), and again inside each worker around each timed decode (its own
+framework's read, about a second before and after), for a second fraction
+that pairs each run with the bandwidth of its moment. Prints a table and
+writes it as JSON.
 """
 
 import json
 import os
 import subprocess
 import sys
-import time
 
 from absl import app, flags
 import numpy as np
@@ -38,47 +40,15 @@ FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _best_gb_s(read, nbytes: int, repeats: int) -> float:
-  """The fastest of `repeats` timed reads (after one warm-up): a roofline is
-  the most the machine was seen to stream, not a typical run."""
-  read()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    read()
-    times.append(time.perf_counter() - t0)
-  return nbytes / min(times) / 1e9
-
-
-def torch_bandwidth_gb_s(gib: float = 2.0, repeats: int = 7) -> float:
-  """A multi-threaded torch reduction over a buffer far larger than the caches."""
-  import torch  # pylint: disable=import-outside-toplevel
-  x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
-  return _best_gb_s(x.sum, x.numel() * 4, repeats)
-
-
-def xla_bandwidth_gb_s(gib: float = 2.0, repeats: int = 7) -> float:
-  """An XLA matrix-vector product over a buffer far larger than the caches,
-  on JAX's default device: what a decode step runs. On these CPUs it
-  streams faster than torch's reduction (28-29 against 17-19 GB/s), so
-  the reduction alone made a roofline that decoding exceeded."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  a = jnp.ones((int(gib * 2**30) // 4 // 4096, 4096), jnp.float32)
-  v = jnp.ones((4096,), jnp.float32)
-  matvec = jax.jit(jnp.dot)
-  return _best_gb_s(lambda: matvec(a, v).block_until_ready(), a.size * 4, repeats)
-
-
 def bandwidths(device: str, gib: float) -> dict:
   """Each way of streaming that is installed, each in its own process (JAX
   keeps the memory it took; a GPU's is the GPU's memory)."""
-  ways = {"xla_matvec": f"xla_bandwidth_gb_s({gib})"}
+  ways = {"xla_matvec": f"xla_gb_s({gib})"}
   if device == "cpu":
-    ways["torch_sum"] = f"torch_bandwidth_gb_s({gib})"
+    ways["torch_sum"] = f"torch_gb_s({gib})"
   found = {}
   for name, call in ways.items():
-    p = subprocess.run([sys.executable, "-c", f"from benchmarks import decode; print(decode.{call})"],
+    p = subprocess.run([sys.executable, "-c", f"from benchmarks import bandwidth; print(bandwidth.{call})"],
                        capture_output=True, text=True, cwd=ROOT,
                        env=os.environ if device == "gpu" else dict(os.environ, JAX_PLATFORMS="cpu"))
     if p.returncode == 0:
@@ -127,7 +97,7 @@ def main():
                         f"--checkpoint={FLAGS.checkpoint}", f"--dtype={FLAGS.dtype}",
                         f"--batch_sizes={','.join(FLAGS.batch_sizes)}",
                         f"--new_tokens={FLAGS.new_tokens}", f"--repeats={FLAGS.repeats}",
-                        f"--device={FLAGS.device}"],
+                        f"--device={FLAGS.device}", f"--bandwidth_gib={gib}"],
                        stdout=subprocess.PIPE, text=True, cwd=ROOT)  # its figures go to stderr as measured
     if p.returncode:
       print(f"{impl}: failed (exit {p.returncode}; its stderr is above)", file=sys.stderr)
@@ -151,18 +121,28 @@ def main():
         f"{result['roofline']['b1']['weights'] / 1e9:.2f} GB ({FLAGS.dtype})")
   head = f"{'impl':<13}{'load s':>8}{'RSS GB':>8}{'compile s':>11}{'prefill s':>11}"
   for B in FLAGS.batch_sizes:
-    head += f"{'tok/s b' + B:>11}{'roof b' + B:>9}"
+    head += f"{'tok/s b' + B:>11}{'roof b' + B:>9}{'paired b' + B:>11}"
   print(head)
   for r in rows:
     line = (f"{r['impl']:<13}{r['load_s']:>8.1f}{r['load_peak_rss_gb']:>8.2f}"
             f"{r.get('compile_prefill_s', 0) + r.get('compile_decode_s', 0):>11.1f}{r['prefill_s']:>11.3f}")
     for B in FLAGS.batch_sizes:
       tok_s = r[f"decode_tok_s_b{B}"]
-      r[f"roofline_fraction_b{B}"] = tok_s / result["roofline"][f"b{B}"]["tok_s"]
-      line += f"{tok_s:>11.1f}{r[f'roofline_fraction_b{B}']:>9.0%}"
+      roof = result["roofline"][f"b{B}"]
+      r[f"roofline_fraction_b{B}"] = tok_s / roof["tok_s"]
+      # Each run against the reads around it: tok/s over B * GB/s / bytes.
+      step_gb = (roof["weights"] + roof["kv_cache"]) / 1e9
+      r[f"roofline_fraction_paired_b{B}"] = float(np.median(
+          [t * step_gb / (int(B) * g) for t, g in zip(r[f"decode_tok_s_b{B}_runs"],
+                                                       r[f"bandwidth_gb_s_b{B}_runs"])]))
+      line += (f"{tok_s:>11.1f}{r[f'roofline_fraction_b{B}']:>9.0%}"
+               f"{r[f'roofline_fraction_paired_b{B}']:>11.0%}")
     print(line)
   for B in FLAGS.batch_sizes:
     print(f"roofline b{B}: {result['roofline'][f'b{B}']['tok_s']:.1f} tok/s")
+  print("paired: each run's tok/s against the roofline of the streaming its worker measured "
+        "around it (jax: xla_matvec, torch and transformers: torch_sum; ~1 s before and after), "
+        "median")
   print(f"machine: {result['machine']}" + "".join(
       f"; JAX CPU decode kernel: {r['cpu_kernel']}" for r in rows if "cpu_kernel" in r))
   with open(FLAGS.json, "w") as f:

@@ -16,6 +16,7 @@ import time
 from absl import app, flags, logging
 import numpy as np
 
+from benchmarks import bandwidth
 from paligemma import batch, image as image_lib
 from paligemma.cli import DEMO_IMAGE
 from paligemma.tokenizer import Tokenizer
@@ -27,6 +28,7 @@ flags.DEFINE_list("batch_sizes", ["1", "8"], "Decode batch sizes.")
 flags.DEFINE_integer("new_tokens", 128, "Tokens decoded per run.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per figure (median).")
 flags.DEFINE_enum("device", "cpu", ["cpu", "gpu"], "Where torch runs (JAX: its default backend, checked).")
+flags.DEFINE_float("bandwidth_gib", 2.0, "Buffer streamed just before each timed decode.")
 FLAGS = flags.FLAGS
 
 
@@ -57,6 +59,30 @@ def median_time(fn, repeats):
   return statistics.median(times)
 
 
+class Paired:
+  """Times runs of a decode between two stretches (about a second each) of
+  streaming reads in the worker's own framework: the bandwidth of that
+  moment. On a shared machine it moves by a third within a minute, and a
+  single best read set beside a run of another moment says little."""
+
+  def __init__(self, read_and_bytes):
+    self.read, self.nbytes = read_and_bytes
+    self.read()  # warm-up (a first call compiles or allocates)
+
+  def __call__(self, out, B, run):
+    """Sets bandwidth_gb_s_b{B}_runs (each run's mean of the rates before
+    and after it); -> run()'s results."""
+    bws, results = [], []
+    before = bandwidth.mean_gb_s(self.read, self.nbytes)
+    for _ in range(FLAGS.repeats):
+      results.append(run())
+      after = bandwidth.mean_gb_s(self.read, self.nbytes)
+      bws.append((before + after) / 2)
+      before = after
+    out[f"bandwidth_gb_s_b{B}_runs"] = bws
+    return results
+
+
 def inputs(cfg, tokenizer, B, prompt="caption en"):
   image = image_lib.preprocess(image_lib.load(DEMO_IMAGE), cfg.vision.image_size)
   pixels = np.stack([image] * B)
@@ -81,6 +107,7 @@ def bench_jax(out):
   gen = generate.Generator(PaliGemma(cfg, scan=model.scan), params)
   tok = Tokenizer(tok_path, cfg.image_token_index)
   n = FLAGS.new_tokens
+  paired = Paired(bandwidth.xla_read(FLAGS.bandwidth_gib))
 
   def prefill(p, t, v):
     return jax.block_until_ready(gen.prefill(p, t, v, max_new_tokens=n))
@@ -99,8 +126,10 @@ def bench_jax(out):
       state = prefill(*inputs(cfg, tok, B))
     # max_new_tokens is traced: one step compiles the loop for every length.
     first_decode = _timed(lambda s: decode(s, 2), _copy(state))
-    dt = statistics.median(_timed(decode, _copy(state)) for _ in range(FLAGS.repeats))
-    out[f"decode_tok_s_b{B}"] = B * (n - 1) / dt
+    runs = [B * (n - 1) / dt for dt in paired(out, B, lambda: _timed(decode, _copy(state)))]
+    out[f"decode_tok_s_b{B}_runs"] = runs
+    out[f"decode_tok_s_b{B}"] = statistics.median(runs)
+    dt = B * (n - 1) / out[f"decode_tok_s_b{B}"]
     if B == 1:
       out["compile_decode_s"] = first_decode - dt / (n - 1)
   traces = dict(gen.traces)
@@ -167,17 +196,20 @@ def bench_torch(out, reference: bool):
     return stamps[0] - t0, B * (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
   run(*inputs(cfg, tok, 1), 2)  # warm-up
+  paired = Paired(bandwidth.torch_read(FLAGS.bandwidth_gib, FLAGS.device))
   for B in map(int, FLAGS.batch_sizes):
-    runs = [timed_run(B) for _ in range(FLAGS.repeats)]
+    runs = paired(out, B, lambda: timed_run(B))  # pylint: disable=cell-var-from-loop
     if B == 1:
       out["prefill_s"] = statistics.median(r[0] for r in runs)
+    out[f"decode_tok_s_b{B}_runs"] = [r[1] for r in runs]
     out[f"decode_tok_s_b{B}"] = statistics.median(r[1] for r in runs)
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  out = Figures(impl=FLAGS.impl, dtype=FLAGS.dtype, device=FLAGS.device)
+  out = Figures(impl=FLAGS.impl, dtype=FLAGS.dtype, device=FLAGS.device,
+                bandwidth_read="xla_matvec" if FLAGS.impl == "jax" else "torch_sum")
   if FLAGS.impl == "jax":
     bench_jax(out)
   else:

@@ -114,6 +114,20 @@ def project(x, w, rows: bool):
   return y.reshape(*E, B, T, -1)
 
 
+def write(cache, update, at):
+  """lax.dynamic_update_slice(cache, update in cache's dtype, at), in place.
+  XLA's CPU backend runs a bfloat16 update-slice in float32, converting
+  the whole cache there and back at every write (36 writes of 13 MB, 27 ms
+  of a 217 ms 3B bf16 decode step at batch 8); on the same bits as 16-bit
+  integers the write is a plain in-place copy of the update."""
+  update = update.astype(cache.dtype)
+  if cache.dtype != jnp.bfloat16:
+    return jax.lax.dynamic_update_slice(cache, update, at)
+  bits = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16)
+  out = jax.lax.dynamic_update_slice(bits(cache), bits(update), at)
+  return jax.lax.bitcast_convert_type(out, jnp.bfloat16)
+
+
 def rope_tables(positions, head_dim: int, theta: float, dtype):
   """cos, sin [B, T, 1, H] for rotate-half RoPE, computed in float32."""
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
@@ -144,13 +158,12 @@ class Attention(nn.Module):
     kv = kv.transpose(0, 2, 3, 1, 4)  # [2, B, T, K, H]
     q, k, v = apply_rope(q, *rope), apply_rope(kv[0], *rope), kv[1]  # k, v [B, T, K, H]
     if layer is None:
-      cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, start, 0, 0))
-      cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, start, 0, 0))
+      cache_k = write(cache_k, k, (0, start, 0, 0))
+      cache_v = write(cache_v, v, (0, start, 0, 0))
       keys, values = cache_k, cache_v
     else:  # written into the stack in place (see Gemma.__call__)
       at = (layer, 0, start, 0, 0)
-      cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
-      cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), at)
+      cache_k, cache_v = write(cache_k, k[None], at), write(cache_v, v[None], at)
       keys, values = cache_k[layer], cache_v[layer]
     B, T = x.shape[:2]
     q = q.reshape(B, T, K, N // K, H)

@@ -39,8 +39,19 @@ def _sample(logits, p: Params, rng):
   return jax.random.categorical(rng, logits, axis=-1)
 
 
+def argmax(logits):
+  """jnp.argmax(logits, axis=-1) (the first maximum, or the first NaN), as
+  a max and then a min over indices: XLA's CPU backend runs argmax's
+  paired reduction 4-6x slower (3B's 257152 logits: 1.19 against 0.21 ms
+  at batch 1, 4.8 against 1.1 at batch 8)."""
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  V = logits.shape[-1]
+  at = jnp.where((logits == top) | jnp.isnan(logits), jnp.arange(V, dtype=jnp.int32), V)
+  return jnp.min(at, axis=-1)
+
+
 def sample(logits, p: Params, rng):
   """logits [B, V] -> token ids [B]."""
   logits = logits.astype(jnp.float32)
-  return jax.lax.cond(p.temperature == 0, lambda: jnp.argmax(logits, axis=-1),
+  return jax.lax.cond(p.temperature == 0, lambda: argmax(logits),
                       lambda: _sample(logits, p, rng)).astype(jnp.int32)

@@ -83,3 +83,40 @@ def test_decode_step_copies_no_weight(setup):
   assert _weight_sized_copies(decode_hlo(model, params), params) == []
   # The check can fail: the scanned layout slices (copies) each layer's weights.
   assert _weight_sized_copies(decode_hlo(scanned, stacked), params)
+
+
+def _widened_caches(hlo: str, cache_shape) -> list[str]:
+  """Lines of a bf16 model's compiled step that write a whole cache in float32."""
+  dims = ",".join(map(str, cache_shape))
+  return [l.strip()[:160] for l in hlo.splitlines()
+          if re.search(rf"= f32\[{dims}\]\{{[\d,]*\}} dynamic-update-slice\(", l)]
+
+
+def test_bf16_cache_written_in_place(ckpt1, images, monkeypatch):
+  (model, params), cfg, tok_path = load.load(ckpt1, dtype="bfloat16")
+  tok = Tokenizer(tok_path, cfg.image_token_index)
+  pixels = np.stack([image_lib.preprocess(image_lib.load(images[0]), cfg.vision.image_size)] * 2)
+  tokens, valid = batch.left_pad([tok.prefix(p, cfg.num_image_tokens) for p in PROMPTS], tok.pad_id)
+
+  def decode_hlo():
+    gen = generate.Generator(model, params)
+    state = gen.prefill(pixels, tokens, valid, max_new_tokens=4)
+    hlo = gen._decode.lower(params, state, np.int32(4), sampling.Params.make()).compile().as_text()
+    return hlo, state.cache[0].shape
+  assert _widened_caches(*decode_hlo()) == []
+  # The check can fail: a bf16 update-slice, as XLA's CPU backend runs it.
+  monkeypatch.setattr(gemma, "write", lambda cache, update, at: jax.lax.dynamic_update_slice(
+      cache, update.astype(cache.dtype), at))
+  if jax.default_backend() == "cpu":
+    assert _widened_caches(*decode_hlo())
+
+
+def test_argmax_is_jnp_argmax():
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((5, 1000)).astype(np.float32)
+  logits[1, [10, 500]] = 9.0  # a tie: the first
+  logits[2, 7] = np.inf
+  logits[3, [3, 900]] = np.nan  # NaN wins, the first
+  logits[4] = -np.inf
+  np.testing.assert_array_equal(np.asarray(jax.jit(sampling.argmax)(logits)),
+                                np.asarray(jax.numpy.argmax(logits, axis=-1)))
