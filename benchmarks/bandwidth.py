@@ -1,7 +1,8 @@
 """Streaming reads of a buffer far larger than the caches: the memory
 bandwidth a decode step's roofline is made of (see decode.py). Each read
 is a function that touches every byte once; its GB/s is the fastest of a
-few timed calls."""
+few timed calls (the roof), or the mean rate over about a second (set
+beside a decode run of the same moment)."""
 
 import time
 

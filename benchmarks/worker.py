@@ -28,7 +28,7 @@ flags.DEFINE_list("batch_sizes", ["1", "8"], "Decode batch sizes.")
 flags.DEFINE_integer("new_tokens", 128, "Tokens decoded per run.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per figure (median).")
 flags.DEFINE_enum("device", "cpu", ["cpu", "gpu"], "Where torch runs (JAX: its default backend, checked).")
-flags.DEFINE_float("bandwidth_gib", 2.0, "Buffer streamed just before each timed decode.")
+flags.DEFINE_float("bandwidth_gib", 2.0, "Buffer streamed before and after each timed decode.")
 FLAGS = flags.FLAGS
 
 

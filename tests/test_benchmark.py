@@ -39,7 +39,7 @@ def test_benchmark_command(tmp_path, ckpt1):
   assert impls["jax"]["recompiles_for_new_prompt_and_length"] == 0
   for row in impls.values():
     assert row["decode_tok_s_b1"] > 0 and row["load_peak_rss_gb"] > 0
-  for row in impls.values():  # each timed run paired with the bandwidth read just before it
+  for row in impls.values():  # each timed run paired with the bandwidth read around it
     assert len(row["bandwidth_gb_s_b2_runs"]) == len(row["decode_tok_s_b2_runs"]) == 1
     assert row["roofline_fraction_paired_b2"] > 0
   assert "roofline b1" in stdout and "paired" in stdout
