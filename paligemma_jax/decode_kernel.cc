@@ -5,7 +5,7 @@
 // Why not XLA's dot: at 8 rows its CPU GEMM reads float32 weights at about
 // half the speed of its one-row product, and it has no fast bfloat16 dot
 // at all (bf16 weights stream at under 1 GB/s). Here each weight row is
-// read once for all M rows (in passes of 8), and bf16 weights are widened
+// read from memory once for all M rows, and bf16 weights are widened
 // to float32 in registers, so a bf16 decode step moves half the bytes of a
 // float32 one (BUILD.md, "The CPU decode kernel", has the figures).
 //
@@ -33,13 +33,14 @@ namespace {
 
 // The vector unit: AVX-512's 16 floats and 32 registers where the build
 // has it (decode_kernel.py passes -mavx512f where the CPU has it), else
-// AVX2's 8 floats and 16 registers. At 8 rows of x, AVX2 has room for one
-// weight row's accumulators (8 loads of x per 8 FMAs: load-port bound);
-// AVX-512 holds two rows' (half the loads of x per FMA, each FMA twice as
-// wide): a 64-byte line of float32 weights costs 8 FMAs and 5 loads
-// against AVX2's 16 and 18. At 8 rows that streams float32 at 0.79x the
-// one-row rate, against AVX2's 0.62x (BUILD.md): closer to, not yet, hidden
-// behind the weight stream.
+// AVX2's 8 floats and 16 registers. AVX-512 takes 8 rows of x in one pass,
+// two weight rows a block (16 accumulators of 32 registers): a 64-byte line
+// of float32 weights costs 8 FMAs and 5 loads. AVX2 takes them as two
+// passes of 4, three weight rows a block (12 accumulators, 3 of w, 1 of x:
+// all 16 registers), the second pass reading the chunk from L2: a line
+// costs 16 FMAs and ~9 loads, where one pass of 8 with one weight row a
+// block (all AVX2 has room for) cost 18 loads and was load-port bound
+// (BUILD.md, "Sessions 16-17", has the figures).
 #ifdef __AVX512F__
 using Vec = __m512;
 constexpr int kLanes = 16;
@@ -54,6 +55,8 @@ inline void Widen(const uint16_t* p, Vec* v) {
 }
 // Weight rows a block of 8 (and 4) rows of x reads at once.
 constexpr int kRows8 = 2, kRows4 = 4;
+// A chunk's rows come in multiples of this: whole blocks at every pass.
+constexpr int64_t kChunkRows = 8;
 #else
 using Vec = __m256;
 constexpr int kLanes = 8;
@@ -71,7 +74,8 @@ inline void Widen(const uint16_t* p, Vec* v) {
   v[0] = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
   v[1] = _mm256_castsi256_ps(_mm256_and_si256(h, _mm256_set1_epi32(0xffff0000)));
 }
-constexpr int kRows8 = 1, kRows4 = 2;
+constexpr int kRows8 = 1, kRows4 = 3;  // kRows8 unused: AVX2 passes are 4 rows at most
+constexpr int64_t kChunkRows = 12;
 #endif
 
 // One step of a block: kStep weights of a row, as float32 vectors.
@@ -161,8 +165,12 @@ void Block(const X* x, const X* xp, const W* w, int64_t D, int64_t d0, int64_t d
   }
 }
 
-// The passes over x's rows: 8 at a time, then 4, 2, 1.
+// The passes over x's rows: 8 at a time (AVX-512) or 4 (AVX2), then 2, 1.
+#ifdef __AVX512F__
 inline int64_t PassRows(int64_t left) { return left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
+#else
+inline int64_t PassRows(int64_t left) { return left >= 4 ? 4 : left >= 2 ? 2 : 1; }
+#endif
 
 // x [M, D] -> xp: each pass's rows packed as [D / kStep, rows, kStep], for
 // loads in order (x's own rows, D floats apart, fall in the same L1 set),
@@ -212,11 +220,12 @@ void Rows(const X* x, const X* xp, const W* w, int64_t M, int64_t D, int64_t R,
   }
 }
 
-// w's rows in chunks of ~64 KB (a second pass over x's rows, M > 8, finds
-// its chunk in cache) and of 8 rows at least, so that a tile of x meets 8
-// rows before the next replaces it (a chunk of one 64 KB row, the down
-// projection's, re-read all of x per row: 20-30% slower), the chunks in a
-// few contiguous shares per thread of XLA's intra-op pool.
+// w's rows in chunks of ~64 KB (a second pass over x's rows finds its
+// chunk in cache), rounded up to whole blocks of every pass (kChunkRows,
+// so at least 8 or 12 rows): a tile of x meets several rows before the next
+// replaces it (a chunk of one 64 KB row, the down projection's, re-read all
+// of x per row: 20-30% slower). The chunks go in a few contiguous shares
+// per thread of XLA's intra-op pool.
 // The caller takes every share nobody has started, so it never waits on a
 // task that has not begun (XLA may run two of these calls at once, each on
 // a pool thread).
@@ -232,7 +241,8 @@ ffi::Error Product(ffi::ThreadPool pool, const X* x, const W* w, int64_t M, int6
   Pack<W>(x, M, D, packed.get());
   const X* xp = packed.get();
   const int64_t row_bytes = D * int64_t{sizeof(W)};
-  const int64_t chunk = std::max<int64_t>(8, (64 << 10) / row_bytes);
+  const int64_t rows = std::max<int64_t>(1, (64 << 10) / row_bytes);
+  const int64_t chunk = (rows + kChunkRows - 1) / kChunkRows * kChunkRows;
   const int64_t chunks = (R + chunk - 1) / chunk;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   struct Job {

@@ -40,7 +40,8 @@ def test_builds_and_registers():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bfloat16 x and w"])
 @pytest.mark.parametrize("m,r,d", [(1, 37, 24), (1, 5, 4100), (2, 9, 1003), (3, 2000, 256),
                                    (5, 7, 2048), (8, 13, 1003), (11, 3, 520), (13, 5, 1003),
-                                   (16, 70, 96), (2, 21, 9000)])
+                                   (16, 70, 96), (2, 21, 9000),
+                                   (8, 5, 33000)])  # rows over 64 KB, as the 28B down projection's
 def test_product_matches_float64(dtype, m, r, d):
   rng = np.random.default_rng(m * 1000 + d)
   x = rng.standard_normal((m, d)).astype(np.float32)
