@@ -74,10 +74,11 @@ def matmul(eqn, x, w):
 
 def by_rows(x, w):
   """x [B, T, D] times each row of w [O, D] -> [B, T, O] in x's dtype: the
-  inference layout's product. A decode step's few rows take the CPU kernel
+  inference layout's product. A decode step's few rows, and a bf16 model's
+  prefill where the CPU has the bf16 dot, take the CPU kernel
   (paligemma_jax/decode_kernel.py)."""
   B, T, D = x.shape
-  if decode_kernel.applies(B * T, w):
+  if decode_kernel.applies(x.dtype, B * T, w):
     return decode_kernel.product(x.reshape(B * T, D), w).reshape(B, T, -1).astype(x.dtype)
   return matmul("BTD,OD->BTO", x, w)
 
@@ -105,7 +106,7 @@ def project(x, w, rows: bool):
     y = matmul("MD,DO->MO", x.reshape(B * T, D), w2).reshape(B, T, -1, O)
     return jnp.moveaxis(y, 2, 0).reshape(*E, B, T, O)
   O = w.shape[-2]
-  if decode_kernel.applies(B * T, w.reshape(-1, D)):  # the matrices' rows end to end
+  if decode_kernel.applies(x.dtype, B * T, w.reshape(-1, D)):  # the matrices' rows end to end
     y = by_rows(x, w.reshape(-1, D)).reshape(B, T, -1, O)
     return jnp.moveaxis(y, 2, 0).reshape(*E, B, T, O)
   w = w.reshape(-1, *w.shape[-2:])
