@@ -146,12 +146,23 @@ def gather(table, ids):
   return jax.ffi.ffi_call("paligemma_gather16", out)(table, ids.astype(jnp.int32))
 
 
+# The kernel meets each chunk of w with every row of x, so x has to stay in
+# cache: at 1088 rows of 16384 columns in bf16 (36 MB, a bf16 prefill's
+# down projection at batch 4) the dot fell to half its rate, below XLA's.
+# A larger x goes in parts of at most this many bytes, w streamed once a
+# part (BUILD.md, "Session 18").
+X_BYTES = 8 << 20
+
+
 def product(x, w):
   """x [M, D] times each row of w [R, D] (float32 or bfloat16) -> [M, R]
   float32, accumulated in float32. Only where `applies`. bf16 x with bf16
   w takes the bf16 dot where it is built; otherwise x is widened first."""
-  out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
-  if w.dtype == jnp.bfloat16 and x.dtype == jnp.bfloat16 and uses_bf16_dot():
-    return jax.ffi.ffi_call("paligemma_rows_bf16_dot", out)(x, w)
-  name = "paligemma_rows_bf16" if w.dtype == jnp.bfloat16 else "paligemma_rows_f32"
-  return jax.ffi.ffi_call(name, out)(x.astype(jnp.float32), w)
+  dot = w.dtype == jnp.bfloat16 and x.dtype == jnp.bfloat16 and uses_bf16_dot()
+  name = ("paligemma_rows_bf16_dot" if dot else
+          "paligemma_rows_bf16" if w.dtype == jnp.bfloat16 else "paligemma_rows_f32")
+  x = x if dot else x.astype(jnp.float32)
+  rows = max(1, X_BYTES // (x.shape[1] * x.dtype.itemsize))
+  parts = [jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((len(part), w.shape[0]), jnp.float32))(part, w)
+           for part in (x[i:i + rows] for i in range(0, x.shape[0], rows))]
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts)

@@ -61,6 +61,20 @@ def test_product_matches_float64(dtype, m, r, d):
   assert (np.abs(got - want) <= bound).all(), np.abs(got - want).max()
 
 
+def test_product_in_parts(monkeypatch):
+  # An x larger than X_BYTES is multiplied in parts (here 3 of 32, 32, 19 rows).
+  monkeypatch.setattr(decode_kernel, "X_BYTES", 32 * 1003 * 2)
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((83, 1003)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((19, 1003)), jnp.bfloat16)
+  product = jax.jit(lambda x, w: decode_kernel.product(x, w))  # a trace of its own
+  assert product.lower(x, w).as_text().count("custom_call @paligemma_rows") == 3
+  got = np.asarray(product(x, w))
+  x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  bound = 4 * np.finfo(np.float32).eps * np.sqrt(1003) * (np.abs(x64) @ np.abs(w64).T)
+  assert got.shape == (83, 19) and (np.abs(got - x64 @ w64.T) <= bound).all()
+
+
 def test_gather_is_indexing():
   table = jnp.asarray(np.random.default_rng(0).standard_normal((50, 24)), jnp.bfloat16)
   ids = jnp.asarray([[3, 0, 49], [7, 7, 12]])
