@@ -66,6 +66,11 @@ def uses_bf16_dot() -> bool:
           and os.environ.get("PALIGEMMA_CPU_KERNEL") != "avx512")
 
 
+def _dot(x_dtype, w_dtype) -> bool:
+  """Whether x times w takes the bf16 dot: both bf16, and it is built."""
+  return x_dtype == jnp.bfloat16 and w_dtype == jnp.bfloat16 and uses_bf16_dot()
+
+
 def build_name() -> str:
   """Which build decodes here: "avx512-bf16" (with the bf16 dot), "avx512",
   "avx2", or "off" (XLA's dot)."""
@@ -128,8 +133,7 @@ def applies(x_dtype, m: int, w) -> bool:
     return False
   if w.dtype == jnp.float32 and m == 1 or w.dtype not in (jnp.float32, jnp.bfloat16):
     return False
-  dot = w.dtype == jnp.bfloat16 and x_dtype == jnp.bfloat16 and uses_bf16_dot()
-  if m > MAX_ROWS and not dot:
+  if m > MAX_ROWS and not _dot(x_dtype, w.dtype):
     return False
   return available()
 
@@ -158,7 +162,7 @@ def product(x, w):
   """x [M, D] times each row of w [R, D] (float32 or bfloat16) -> [M, R]
   float32, accumulated in float32. Only where `applies`. bf16 x with bf16
   w takes the bf16 dot where it is built; otherwise x is widened first."""
-  dot = w.dtype == jnp.bfloat16 and x.dtype == jnp.bfloat16 and uses_bf16_dot()
+  dot = _dot(x.dtype, w.dtype)
   name = ("paligemma_rows_bf16_dot" if dot else
           "paligemma_rows_bf16" if w.dtype == jnp.bfloat16 else "paligemma_rows_f32")
   x = x if dot else x.astype(jnp.float32)
