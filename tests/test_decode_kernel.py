@@ -53,11 +53,16 @@ def test_product_matches_float64(dtype, m, r, d):
   if dtype == "bfloat16 x and w":  # a bf16 model's activations: vdpbf16ps where the CPU has it
     x = x.astype(ml_dtypes.bfloat16)
   got = np.asarray(jax.jit(decode_kernel.product)(jnp.asarray(x), jnp.asarray(w)))
-  w64 = w.astype(np.float64)
-  want = x.astype(np.float64) @ w64.T
-  # float32 accumulation of d products: a few ulps of the sum of magnitudes.
-  bound = 4 * np.finfo(np.float32).eps * np.sqrt(d) * (np.abs(x.astype(np.float64)) @ np.abs(w64).T)
-  assert got.shape == (m, r) and got.dtype == np.float32
+  _assert_float32_sums(got, x, w)
+
+
+def _assert_float32_sums(got, x, w):
+  """got is x @ w.T to float32 accumulation of d products: a few ulps of
+  the sum of magnitudes, against float64."""
+  x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  want = x64 @ w64.T
+  bound = 4 * np.finfo(np.float32).eps * np.sqrt(x64.shape[1]) * (np.abs(x64) @ np.abs(w64).T)
+  assert got.shape == want.shape and got.dtype == np.float32
   assert (np.abs(got - want) <= bound).all(), np.abs(got - want).max()
 
 
@@ -69,10 +74,7 @@ def test_product_in_parts(monkeypatch):
   w = jnp.asarray(rng.standard_normal((19, 1003)), jnp.bfloat16)
   product = jax.jit(lambda x, w: decode_kernel.product(x, w))  # a trace of its own
   assert product.lower(x, w).as_text().count("custom_call @paligemma_rows") == 3
-  got = np.asarray(product(x, w))
-  x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
-  bound = 4 * np.finfo(np.float32).eps * np.sqrt(1003) * (np.abs(x64) @ np.abs(w64).T)
-  assert got.shape == (83, 19) and (np.abs(got - x64 @ w64.T) <= bound).all()
+  _assert_float32_sums(np.asarray(product(x, w)), x, w)
 
 
 def test_gather_is_indexing():
@@ -117,7 +119,7 @@ def _kernel_rows(hlo):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_prefill_takes_only_the_bf16_dot(demo, dtype):
-  # A prefill's rows (here 3 x 64) stay with XLA's GEMM, but for a bf16
+  # A prefill's rows (here 3 x 68) stay with XLA's GEMM, but for a bf16
   # model where the CPU has the bf16 dot (XLA widens bf16 to float32 first).
   # The head, on the last position only, is a decode step's few rows.
   models, pixels, tokens, valid = demo
